@@ -1,0 +1,3 @@
+"""routemqd: a supervisor daemon for MQTT worker pools."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from routemqd.cli import main
+
+raise SystemExit(main())
