@@ -1,0 +1,141 @@
+"""``routemqd check``: validate a manifest, import its handlers in a child, print the plan.
+
+Like ``nginx -t``: operators run it before ``systemctl reload``. Handler imports happen in a
+separate interpreter so the checker (and the daemon, which shares this code) never executes user
+code in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from routemqd.manifest import Manifest
+from routemqd.plan import slots_for
+from routemqd.topics import filters_overlap
+
+PROBE_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class HandlerReport:
+    ref: str
+    ok: bool
+    error: str = ""
+    is_async: bool = False
+
+
+def probe_handlers(manifest: Manifest, timeout: float = PROBE_TIMEOUT) -> dict[str, HandlerReport]:
+    refs = sorted({r.handler for r in manifest.routes})
+    env = dict(os.environ)
+    env["ROUTEMQD_PYTHON_PATH"] = os.pathsep.join(manifest.python_path)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "routemqd.handlers", *refs],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        out = proc.stdout
+        tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        tail = [f"importing handlers took longer than {timeout:g}s"]
+    reports: dict[str, HandlerReport] = {}
+    for line in out.splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        reports[item["ref"]] = HandlerReport(
+            ref=item["ref"],
+            ok=item["ok"],
+            error=item.get("error", ""),
+            is_async=item.get("async", False),
+        )
+    for ref in refs:
+        if ref not in reports:  # the child died while importing it (os._exit, segfault, hang)
+            why = tail[0] if tail else "the import process died"
+            reports[ref] = HandlerReport(ref=ref, ok=False, error=f"handler {ref}: {why}")
+            break
+    return reports
+
+
+def overlaps(manifest: Manifest) -> list[str]:
+    out = []
+    routes = manifest.routes
+    for i, a in enumerate(routes):
+        for b in routes[i + 1 :]:
+            if filters_overlap(a.topic.filter, b.topic.filter):
+                out.append(
+                    f"routes {a.name!r} ({a.topic.filter}) and {b.name!r} ({b.topic.filter}) "
+                    "overlap: a message on a topic both match reaches both pools"
+                )
+    return out
+
+
+def render_plan(manifest: Manifest, handlers: dict[str, HandlerReport], out: TextIO) -> None:
+    b = manifest.broker
+    proto = "MQTT 5" if b.protocol == 5 else "MQTT 3.1.1"
+    auth = f"user {b.username}" if b.username else "anonymous"
+    if b.password is not None:
+        auth += f", password from {b.password.source.split(':')[0]}"
+    tls = "tls" if b.tls else "no tls"
+    slots = slots_for(manifest)
+    w = out.write
+    w(f"manifest  {manifest.path}\n")
+    w(
+        f"broker    {b.host}:{b.port} ({proto}, keepalive {b.keepalive}s, {auth}, {tls}, "
+        f"session expiry {b.session_expiry}s)\n"
+    )
+    w(f"host id   {manifest.host_id}\n")
+    w(f"routes    {len(manifest.routes)}, slots {len(slots)}\n")
+    for r in manifest.routes:
+        rep = handlers.get(r.handler)
+        status = "ok" if rep is None or rep.ok else "FAILED"
+        kind = " (async)" if rep is not None and rep.is_async else ""
+        w(f"\nroute {r.name}  (line {r.line})\n")
+        w(f"  topic       {r.topic.pattern}\n")
+        w(f"  handler     {r.handler}{kind}  [{status}]\n")
+        pool = f"shared x{r.workers}, group {r.group}" if r.shared else "single ordered worker"
+        w(f"  pool        {pool}\n")
+        qos = f"{r.qos} (subscribed as 1)" if r.qos != r.subscribe_qos else str(r.qos)
+        w(f"  subscribes  {r.subscription}  qos {qos}\n")
+        w(
+            f"  options     concurrency {r.concurrency}, prefetch {r.prefetch}, "
+            f"heartbeat_timeout {r.heartbeat_timeout:g}s"
+            + (f", dead letters -> {r.dead_letter_topic}" if r.dead_letter_topic else "")
+            + "\n"
+        )
+        for (name, index), spec in slots.items():
+            if name == r.name:
+                w(f"  slot {index:<3}    {spec.client_id}\n")
+
+
+def run_check(manifest: Manifest, out: TextIO, err: TextIO) -> int:
+    handlers = probe_handlers(manifest)
+    render_plan(manifest, handlers, out)
+    warnings = list(manifest.warnings) + overlaps(manifest)
+    for r in manifest.routes:
+        if r.qos == 2:
+            warnings.append(
+                f"route {r.name!r}: qos 2 is subscribed as qos 1 so a message stays with the "
+                "broker until its handler finished (at-least-once; handlers see dup redeliveries)"
+            )
+    if warnings:
+        out.write("\nwarnings:\n")
+        for text in warnings:
+            out.write(f"  - {text}\n")
+    failed = [h for h in handlers.values() if not h.ok]
+    for h in failed:
+        err.write(f"routemqd: {h.error}\n")
+    if failed:
+        return 78
+    out.write("\nmanifest ok\n")
+    return 0

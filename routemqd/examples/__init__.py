@@ -1,0 +1,1 @@
+"""Example handlers shipped with routemqd so the example manifest runs on a fresh machine."""

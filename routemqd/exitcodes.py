@@ -1,0 +1,48 @@
+"""Named exit codes, so the master can tell a crash from a boot failure without parsing logs.
+
+A boot failure (the handler does not import, the broker refuses our credentials) will fail the
+same way on every restart, so the master parks the slot in ``failed`` at once instead of burning
+through its backoff schedule. Values stay clear of 1 (Python's generic error), 2 (argparse) and of
+128+N (killed by signal N as a shell reports it).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    CRASH = 1  # an unexpected exception escaped the worker
+    HANDLER_IMPORT_FAILED = 3
+    HANDLER_INVALID = 4  # imported, but not callable with one message argument
+    BROKER_AUTH_REFUSED = 5
+    SUBSCRIBE_REFUSED = 6
+    TLS_FAILED = 7
+    PARENT_GONE = 8
+    CONFIG = 78  # EX_CONFIG from sysexits.h: the manifest is invalid
+
+    @property
+    def is_boot_failure(self) -> bool:
+        """Failures that no amount of immediate restarting will fix."""
+        return self in _BOOT_FAILURES
+
+
+_BOOT_FAILURES = frozenset(
+    {
+        ExitCode.HANDLER_IMPORT_FAILED,
+        ExitCode.HANDLER_INVALID,
+        ExitCode.BROKER_AUTH_REFUSED,
+        ExitCode.SUBSCRIBE_REFUSED,
+        ExitCode.TLS_FAILED,
+        ExitCode.CONFIG,
+    }
+)
+
+
+def describe(status: int) -> str:
+    """Name an exit status for logs: ``handler_import_failed``, ``exit 42`` ..."""
+    try:
+        return ExitCode(status).name.lower()
+    except ValueError:
+        return f"exit {status}"

@@ -1,0 +1,63 @@
+"""Shared fixtures: real mosquitto brokers that never outlive the test session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.broker import Broker
+from tests.support.processes import stop_tracked
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_leftover_processes() -> Iterator[None]:
+    """Safety net: stop every process a helper started and nobody stopped.
+
+    Fixture teardown normally stops brokers; this catches helpers used
+    outside fixtures and teardowns that failed half way.
+    """
+    yield
+    stop_tracked()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A fresh, running broker with its own port and persistence in tmp_path."""
+    instance = Broker(workdir=tmp_path / "broker")
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Make several brokers: ``broker_factory(start=True, **Broker kwargs)``.
+
+    Each gets its own workdir under tmp_path; all are stopped at teardown.
+    """
+    created: list[Broker] = []
+
+    def make(*, start: bool = True, **kwargs: Any) -> Broker:
+        kwargs.setdefault("workdir", tmp_path / f"broker-{len(created)}")
+        instance = Broker(**kwargs)
+        created.append(instance)
+        if start:
+            instance.start()
+        return instance
+
+    try:
+        yield make
+    finally:
+        errors: list[BaseException] = []
+        for instance in created:
+            try:
+                instance.stop()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
