@@ -323,6 +323,8 @@ class _Map:
             raise ctx.error(node, fname or "manifest", f"expected a mapping, got {_kind(node)}")
         if node.tag not in ("tag:yaml.org,2002:map",):
             raise ctx.error(node, fname, f"the tag {node.tag!r} is not allowed in a manifest")
+        if _merged_size(node, {}) > MAX_NODES:
+            raise ctx.error(node, fname, f"more than {MAX_NODES} keys after merging (<< bomb?)")
         try:
             _constructor.flatten_mapping(node)
         except yaml.YAMLError as e:
@@ -368,6 +370,26 @@ class _Map:
                 )
 
 
+def _merged_size(node: yaml.MappingNode, memo: dict[int, int]) -> int:
+    """How many pairs ``flatten_mapping`` would produce, in linear time (merges nest and repeat)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_NODES + 1  # a merge that reaches itself
+    total = 0
+    for knode, vnode in node.value:
+        if knode.tag != "tag:yaml.org,2002:merge":
+            total += 1
+            continue
+        subs = vnode.value if isinstance(vnode, yaml.SequenceNode) else [vnode]
+        for sub in subs:
+            if isinstance(sub, yaml.MappingNode):
+                total += _merged_size(sub, memo)
+        if total > MAX_NODES:
+            break
+    memo[id(node)] = total
+    return total
+
+
 def _kind(node: yaml.Node) -> str:
     if isinstance(node, yaml.MappingNode):
         return "a mapping"
@@ -390,6 +412,8 @@ def _as_str(ctx: _Ctx, node: yaml.Node, fname: str) -> str:
     v = _plain(ctx, node, fname)
     if not isinstance(v, str) or not v:
         raise ctx.error(node, fname, f"expected non-empty text, got {_show(v)}")
+    if "\0" in v:
+        raise ctx.error(node, fname, "must not contain a NUL character")
     return v
 
 
@@ -491,6 +515,8 @@ def _seq(ctx: _Ctx, node: yaml.Node, fname: str) -> Iterator[tuple[int, yaml.Nod
     ctx.count(node)
     if not isinstance(node, yaml.SequenceNode):
         raise ctx.error(node, fname, f"expected a list, got {_kind(node)}")
+    if node.tag != "tag:yaml.org,2002:seq":
+        raise ctx.error(node, fname, f"the tag {node.tag!r} is not allowed in a manifest")
     yield from enumerate(node.value)
 
 
@@ -714,7 +740,7 @@ def _control(ctx: _Ctx, top: _Map) -> ControlConfig:
     mode = 0o600
     if mode_node is not None:
         raw = _plain(ctx, mode_node, "control.mode")
-        text = str(raw) if isinstance(raw, int | str) and not isinstance(raw, bool) else ""
+        text = mode_node.value if isinstance(raw, int | str) and not isinstance(raw, bool) else ""
         if not re.fullmatch(r"0?o?[0-7]{3}", text):
             raise ctx.error(mode_node, "control.mode", f"expected 0600 or 0660, got {_show(raw)}")
         mode = int(text.lstrip("0o") or "0", 8)
@@ -856,8 +882,8 @@ def _route(ctx: _Ctx, node: yaml.Node, fname: str, defaults: RouteSettings, grou
                 f"or digit), got {name!r}",
             )
     else:
-        name = _sanitize_id(pattern_text.replace("{", "").replace("}", "").replace("/", "-"))
-        name = name.replace("+", "any").replace("#", "all") or "route"
+        name = pattern_text.replace("{", "").replace("}", "").replace("/", "-")
+        name = name.replace("+", "any").replace("#", "all")
         name = _sanitize_id(name) or "route"
     shared = _field(m, "shared", False, _as_bool)
     workers_key = "workers"

@@ -55,7 +55,10 @@ def parse_size(value: object) -> int:
             f"expected a size such as 512MB, 64MiB or 1GB, got {value!r} "
             "(units: B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
         )
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    size = float(m.group(1)) * _SIZE_UNITS[unit]
+    if math.isinf(size):
+        raise UnitError(f"size {value!r} is too large")
+    return int(size)
 
 
 def parse_duration(value: object) -> float:
@@ -63,7 +66,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise UnitError(f"expected a duration such as 30s, got {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise UnitError(f"duration {value!r} is too large") from None
     elif isinstance(value, str):
         m = _NUMBER_UNIT.match(value)
         unit = m.group(2).lower() if m else None

@@ -1,0 +1,83 @@
+"""Test handlers that write every handled message to a ledger file, one line per message.
+
+The payload drives the behaviour so one handler serves many tests: ``<id>`` is recorded;
+``<id>:sleep=S`` sleeps first; ``<id>:raise`` raises; ``<id>:exit`` kills the worker
+(``os._exit``); ``<id>:block`` never returns. Lines are written with O_APPEND in one write, so
+several worker processes can share one ledger file safely.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from routemqd.message import Message
+
+_fd: int | None = None
+_lock = threading.Lock()
+
+
+def _ledger_fd() -> int:
+    global _fd
+    if _fd is None:
+        with _lock:
+            if _fd is None:
+                _fd = os.open(
+                    os.environ["ROUTEMQD_TEST_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                )
+    return _fd
+
+
+def _act(message: Message) -> str:
+    body = message.payload.decode("utf-8", "replace")
+    ident, _, cmd = body.partition(":")
+    if cmd.startswith("sleep="):
+        time.sleep(float(cmd.split("=", 1)[1]))
+    elif cmd == "raise":
+        raise ValueError(f"refusing message {ident}")
+    elif cmd == "exit":
+        os._exit(9)
+    elif cmd == "block":
+        threading.Event().wait()
+    return ident
+
+
+def record(message: Message) -> None:
+    ident = _act(message)
+    tag = os.environ.get("ROUTEMQD_TEST_TAG", "v1")
+    line = f"{ident} {os.getpid()} {int(message.dup)} {message.topic} {tag}\n"
+    os.write(_ledger_fd(), line.encode())
+
+
+async def record_async(message: Message) -> None:
+    record(message)
+
+
+def record_v2(message: Message) -> None:
+    """Same as record, tagged v2: tests of handler replacement tell old from new."""
+    ident = _act(message)
+    line = f"{ident} {os.getpid()} {int(message.dup)} {message.topic} v2\n"
+    os.write(_ledger_fd(), line.encode())
+
+
+def raise_every_10th(message: Message) -> None:
+    ident = message.payload.decode()
+    if int(ident) % 10 == 0:
+        raise ValueError(f"message {ident} is a multiple of 10")
+    record(message)
+
+
+def allocate(message: Message) -> None:
+    """Grow memory by the number of MiB in the payload, then record."""
+    global _hoard
+    mib = int(message.payload.decode().partition(":")[2] or 0)
+    _hoard.append(bytearray(mib * 1024 * 1024))
+    record(message)
+
+
+_hoard: list[bytearray] = []
+
+
+def crash_on_import_marker(message: Message) -> None:
+    record(message)
