@@ -74,3 +74,64 @@ def slots_for(manifest: Manifest) -> dict[tuple[str, int], SlotSpec]:
             )
             out[spec.key] = spec
     return out
+
+
+@dataclass(frozen=True)
+class Change:
+    """One slot's fate in a reload: keep, start, retire, or replace (keeping or renewing its session)."""
+
+    key: tuple[str, int]
+    action: str  # keep | start | retire | replace-session | replace-fresh
+    old: SlotSpec | None
+    new: SlotSpec | None
+
+
+def diff(
+    current: dict[tuple[str, int], SlotSpec], desired: dict[tuple[str, int], SlotSpec]
+) -> list[Change]:
+    """Compare what runs with what the new manifest wants, slot by slot.
+
+    Compared against the specs that actually run (not the previous manifest), so a replace that
+    was refused earlier (new handler failed to import) is tried again on the next reload.
+    """
+    changes: list[Change] = []
+    for key, new in desired.items():
+        old = current.get(key)
+        if old is None:
+            changes.append(Change(key, "start", None, new))
+        elif old == new:
+            changes.append(Change(key, "keep", old, new))
+        elif old.client_id == new.client_id:
+            changes.append(Change(key, "replace-session", old, new))
+        else:
+            changes.append(Change(key, "replace-fresh", old, new))
+    for key, old in current.items():
+        if key not in desired:
+            changes.append(Change(key, "retire", old, None))
+    return changes
+
+
+def summarize(changes: list[Change]) -> dict[str, list[str]]:
+    """Per-route verbs for the one reload log event: kept, started, retired, scaled, replaced."""
+    by_route: dict[str, set[str]] = {}
+    for c in changes:
+        by_route.setdefault(c.key[0], set()).add(c.action)
+    out: dict[str, list[str]] = {
+        "kept": [],
+        "started": [],
+        "retired": [],
+        "scaled": [],
+        "replaced": [],
+    }
+    for route, actions in by_route.items():
+        if actions == {"keep"}:
+            out["kept"].append(route)
+        elif actions == {"start"}:
+            out["started"].append(route)
+        elif actions == {"retire"}:
+            out["retired"].append(route)
+        elif actions & {"replace-session", "replace-fresh"}:
+            out["replaced"].append(route)
+        else:
+            out["scaled"].append(route)
+    return out

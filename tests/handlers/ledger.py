@@ -8,6 +8,7 @@ several worker processes can share one ledger file safely.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -81,3 +82,31 @@ _hoard: list[bytearray] = []
 
 def crash_on_import_marker(message: Message) -> None:
     record(message)
+
+
+def record_json(message: Message) -> None:
+    """Decode the payload with ``message.json()`` and record the ``id`` it carries."""
+    doc = message.json()
+    ident = str(doc["id"])
+    tag = os.environ.get("ROUTEMQD_TEST_TAG", "v1")
+    line = f"{ident} {os.getpid()} {int(message.dup)} {message.topic} {tag}\n"
+    os.write(_ledger_fd(), line.encode())
+
+
+_running = 0
+_peak = 0
+
+
+async def record_async_overlap(message: Message) -> None:
+    """Yield to the event loop for 10 ms, then record; the tag is ``peak<N>``, the most
+    handler calls this process had running at once so far."""
+    global _running, _peak
+    _running += 1
+    _peak = max(_peak, _running)
+    try:
+        await asyncio.sleep(0.01)
+        ident = _act(message)
+        line = f"{ident} {os.getpid()} {int(message.dup)} {message.topic} peak{_peak}\n"
+        os.write(_ledger_fd(), line.encode())
+    finally:
+        _running -= 1

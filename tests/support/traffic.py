@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.support import ledger
 
@@ -120,3 +123,54 @@ def wait_handled(path: Path, expected: set[str], timeout: float = 60) -> set[str
             return set()
         time.sleep(0.1)
     return missing
+
+
+class Subscriber:
+    """A plain subscriber (clean session) that collects every message it receives."""
+
+    def __init__(
+        self, host: str, port: int, topic: str, protocol: int = 5, timeout: float = 10
+    ) -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._subscribed = threading.Event()
+        self.client = client(host, port, protocol=protocol)
+        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
+        self.client.on_subscribe = lambda *_a: self._subscribed.set()
+        self.client.connect(host, port, 30)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+        if not self._subscribed.wait(timeout):
+            self.close()
+            raise AssertionError(f"no SUBACK for {topic!r} within {timeout}s")
+
+    def collect(self, count: int, timeout: float = 10) -> list[mqtt.MQTTMessage]:
+        """Exactly ``count`` messages within ``timeout`` s, or fewer if they do not come."""
+        deadline = time.monotonic() + timeout
+        out: list[mqtt.MQTTMessage] = []
+        while len(out) < count:
+            try:
+                out.append(self.messages.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def session_present(host: str, port: int, client_id: str, timeout: float = 10) -> bool:
+    """Connect as ``client_id`` (MQTT 5, clean_start=False), report the broker's session-present
+    flag, and leave without keeping a session."""
+    result: queue.Queue[bool] = queue.Queue()
+    c = client(host, port, client_id=client_id)
+    c.on_connect = lambda _c, _u, flags, _rc, _p: result.put(bool(flags.session_present))
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    c.connect(host, port, 30, clean_start=False, properties=props)
+    c.loop_start()
+    try:
+        return result.get(timeout=timeout)
+    finally:
+        c.disconnect()
+        c.loop_stop()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,30 @@ class WorkerProc:
             time.sleep(0.02)
         raise AssertionError(f"no {kind!r} event from worker within {timeout}s: {self.events[-3:]}")
 
+    def heartbeats(self) -> list[dict[str, Any]]:
+        """Every heartbeat received so far, oldest first."""
+        self.poll_events()
+        return [e for e in self.events if e.get("t") == "hb"]
+
+    def wait_heartbeat(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20
+    ) -> dict[str, Any]:
+        """The first heartbeat sent after this call that satisfies ``predicate``."""
+        self.poll_events()
+        seen = len(self.events)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll_events()
+            for e in self.events[seen:]:
+                if e.get("t") == "hb" and predicate(e):
+                    return e
+            seen = len(self.events)
+            if self.proc.poll() is not None and not self.poll_events():
+                raise AssertionError(f"worker exited with {self.proc.returncode}")
+            time.sleep(0.02)
+        last = self.heartbeats()[-1:]
+        raise AssertionError(f"no matching heartbeat within {timeout}s; last: {last}")
+
     def command(self, **cmd: Any) -> None:
         os.write(self.command_w, json.dumps(cmd).encode() + b"\n")
 
@@ -106,7 +132,5 @@ class WorkerProc:
             self.proc.wait(10)
         untrack_pid(self.pid)
         for fd in (self.status_r, self.command_w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass

@@ -1,0 +1,289 @@
+"""The local control socket: ``routemqd status | reload | restart | stop`` talk to the master here.
+
+One JSON request line, one JSON reply, then the connection closes: no sessions, no state, so the
+master serves it from its single loop. Only the daemon's own user (and root) may talk to it:
+the socket's mode says so, and on Linux the peer's credentials are checked as well, because a
+socket created in a directory with looser permissions would otherwise be the only guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import errno
+import json
+import os
+import socket
+import stat
+import struct
+import sys
+from typing import Any
+
+from routemqd.manifest import DEFAULT_CONTROL_SOCKET, ManifestError, load
+from routemqd.units import format_size
+
+MAX_REQUEST = 64 * 1024
+EX_UNAVAILABLE = 69
+EX_NOPERM = 77
+
+
+class ControlServer:
+    def __init__(self, path: str, mode: int, master: Any) -> None:
+        self.path = path
+        self.mode = mode
+        self.master = master
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        if os.path.exists(path):
+            if _answers(path):
+                raise OSError(errno.EADDRINUSE, f"another routemqd answers on {path}")
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # stale, left by a daemon that was killed
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+
+    def allowed(self, conn: socket.socket) -> bool:
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return True  # not Linux: the socket's mode is the guard
+        _pid, uid, gid = struct.unpack("3i", creds)
+        if uid in (0, self.uid):
+            return True
+        return bool(self.mode & 0o060) and gid == self.gid
+
+    def accept(self, sel: Any = None) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with conn:
+            conn.settimeout(1.0)
+            if not self.allowed(conn):
+                _send(conn, {"ok": False, "error": "permission denied"})
+                return
+            try:
+                request = _read_line(conn)
+            except (OSError, ValueError) as e:
+                with contextlib.suppress(OSError):
+                    _send(conn, {"ok": False, "error": f"bad request: {e}"})
+                return
+            try:
+                reply = self.handle(request)
+            except Exception as e:
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            with contextlib.suppress(OSError):
+                _send(conn, reply)
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        m = self.master
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **m.snapshot()}
+        if cmd == "reload":
+            if m._replacing():
+                m.reload_requested = True
+                return {
+                    "ok": True,
+                    "queued": True,
+                    "message": "reload queued after the one running",
+                }
+            m.reload()
+            return {"ok": bool(m.last_reload["ok"]), "last_reload": m.last_reload}
+        if cmd == "restart":
+            routes = request.get("routes") or None
+            try:
+                names = m.restart_routes(routes)
+            except KeyError as e:
+                return {"ok": False, "error": f"no such route: {e.args[0]}"}
+            return {"ok": True, "routes": names}
+        if cmd == "stop":
+            m.begin_shutdown("control socket")
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _read_line(conn: socket.socket) -> dict[str, Any]:
+    buf = b""
+    while b"\n" not in buf:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            raise ValueError("request too large")
+    request = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+    if not isinstance(request, dict):
+        raise ValueError("expected a JSON object")
+    return request
+
+
+def _send(conn: socket.socket, reply: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+def request(path: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps(payload).encode() + b"\n")
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    finally:
+        s.close()
+    return json.loads(buf or b"{}")
+
+
+def socket_path_for(args: argparse.Namespace) -> str:
+    if getattr(args, "socket", None):
+        return args.socket
+    try:
+        return load(args.config).control.socket
+    except ManifestError:
+        return DEFAULT_CONTROL_SOCKET
+
+
+def client_main(args: argparse.Namespace) -> int:
+    path = socket_path_for(args)
+    payload: dict[str, Any] = {"cmd": args.command}
+    if args.command == "restart":
+        payload["routes"] = args.routes
+    try:
+        reply = request(path, payload)
+    except FileNotFoundError:
+        sys.stderr.write(f"routemqd: the daemon is not running (no control socket at {path})\n")
+        return EX_UNAVAILABLE
+    except ConnectionRefusedError:
+        sys.stderr.write(f"routemqd: the daemon is not running (nothing listens on {path})\n")
+        return EX_UNAVAILABLE
+    except PermissionError:
+        sys.stderr.write(f"routemqd: permission denied on {path} (run as the daemon's user)\n")
+        return EX_NOPERM
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"routemqd: no answer on {path}: {e}\n")
+        return EX_UNAVAILABLE
+    if args.command == "status":
+        if args.json:
+            sys.stdout.write(json.dumps(reply, indent=2, default=str) + "\n")
+        else:
+            sys.stdout.write(render_status(reply))
+        return 0 if reply.get("ok") else 1
+    if not reply.get("ok"):
+        error = reply.get("error") or (reply.get("last_reload") or {}).get("error")
+        sys.stderr.write(f"routemqd: {args.command} failed: {error}\n")
+        return 1
+    if args.command == "reload":
+        if reply.get("queued"):
+            sys.stdout.write("reload queued: a rolling replace is still in progress\n")
+        else:
+            summary = reply["last_reload"].get("summary") or {}
+            parts = [f"{k} {', '.join(v)}" for k, v in summary.items() if v]
+            sys.stdout.write("reloaded: " + ("; ".join(parts) or "nothing changed") + "\n")
+    elif args.command == "restart":
+        sys.stdout.write(f"rolling restart of {', '.join(reply['routes'])} started\n")
+    elif args.command == "stop":
+        sys.stdout.write("graceful stop started\n")
+    return 0
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def render_status(reply: dict[str, Any]) -> str:
+    d = reply["daemon"]
+    lines = [
+        f"routemqd pid {d['pid']}, up {_age(d['uptime'])}, manifest {d['manifest']}, "
+        f"host {d['host_id']}",
+        f"workers {d['ready']}/{d['startable']} ready, {d['failed']} failed"
+        + (", shutting down" if d["shutting_down"] else ""),
+    ]
+    lr = d.get("last_reload") or {}
+    if lr.get("at"):
+        when = datetime.datetime.fromtimestamp(lr["at"]).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"last reload {when}: " + ("ok" if lr.get("ok") else f"FAILED: {lr['error']}"))
+    elif not lr.get("ok", True):
+        lines.append(f"last reload FAILED: {lr.get('error')}")
+    header = (
+        "ROUTE",
+        "SLOT",
+        "STATE",
+        "PID",
+        "CONN",
+        "UPTIME",
+        "RESTARTS",
+        "RSS",
+        "CPU%",
+        "HANDLED",
+        "FAILED",
+        "CLIENT ID",
+        "LAST REASON / ERROR",
+    )
+    rows = [header]
+    for s in reply["slots"]:
+        note = s.get("last_error") or s.get("last_reason") or ""
+        rows.append(
+            (
+                s["route"],
+                str(s["index"]),
+                s["state"] + ("*" if s.get("replacing") else ""),
+                str(s["pid"] or "-"),
+                "yes" if s["connected"] else "no",
+                _age(s["uptime"]),
+                str(s["restarts"]),
+                format_size(s["rss"]) if s["rss"] else "-",
+                f"{s['cpu']:.1f}" if s["cpu"] is not None else "-",
+                str(s["handled"]),
+                str(s["failed"]),
+                s["client_id"],
+                note[:60],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines.append("")
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines) + "\n"
