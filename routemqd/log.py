@@ -96,6 +96,13 @@ def _redact_processor(logger: Any, name: str, event: MutableMapping[str, Any]) -
     return event
 
 
+def _event_first(logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+    """timestamp, level, event, then the key-values: what a person scans for comes first."""
+    head = {k: event.pop(k) for k in ("timestamp", "level", "event") if k in event}
+    head.update(event)
+    return head
+
+
 def configure(level: str = "info", fmt: str = "auto", file: str | None = None) -> None:
     global _sink
     _sink = LogSink(path=file) if file else LogSink(stream=sys.stdout)
@@ -112,6 +119,7 @@ def configure(level: str = "info", fmt: str = "auto", file: str | None = None) -
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact_processor,
+            _event_first,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),

@@ -255,7 +255,7 @@ class Master:
     # ------------------------------------------------------------------------ spawning
 
     def spawn(self, slot: Slot, spec: SlotSpec, hold: bool) -> Proc | None:
-        """Fork a worker for ``spec``. ``hold``: warm up but wait for ``connect`` (session replace)."""
+        """Fork a worker for ``spec``; ``hold``: warm up, wait for ``connect`` (session replace)."""
         status_r, status_w = os.pipe()
         command_r, command_w = os.pipe()
         logsetup.sink().flush()
@@ -393,10 +393,8 @@ class Master:
 
     def command(self, proc: Proc, **cmd: Any) -> None:
         if proc.command_fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 protocol.write_event(proc.command_fd, {"cmd": cmd.pop("cmd"), **cmd})
-            except OSError:
-                pass
 
     # ----------------------------------------------------------------------------- reaping
 

@@ -163,9 +163,8 @@ def render(master: Any) -> str:
     family("routemqd_worker_restarts_total", "counter", "Worker restarts and replacements.")
     for name, r in routes.items():
         for reason, n in sorted(r["restarts"].items()):
-            out.append(
-                f'routemqd_worker_restarts_total{{route="{_esc(name)}",reason="{_esc(reason)}"}} {n}'
-            )
+            labels = f'route="{_esc(name)}",reason="{_esc(reason)}"'
+            out.append(f"routemqd_worker_restarts_total{{{labels}}} {n}")
     for metric, key, help_text in (
         ("routemqd_workers_desired", "desired", "Slots the manifest asks for."),
         ("routemqd_workers_up", "up", "Workers subscribed and ready."),

@@ -78,7 +78,7 @@ def slots_for(manifest: Manifest) -> dict[tuple[str, int], SlotSpec]:
 
 @dataclass(frozen=True)
 class Change:
-    """One slot's fate in a reload: keep, start, retire, or replace (keeping or renewing its session)."""
+    """One slot's fate in a reload: keep, start, retire, or replace (same or new session)."""
 
     key: tuple[str, int]
     action: str  # keep | start | retire | replace-session | replace-fresh
