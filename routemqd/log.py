@@ -116,6 +116,7 @@ def configure(level: str = "info", fmt: str = "auto", file: str | None = None) -
     )
     structlog.configure(
         processors=[
+            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact_processor,

@@ -169,7 +169,7 @@ class Worker:
                 if self.subscribed.is_set() and not self.ready_sent:
                     self.ready_sent = True
                     self._emit({"t": "ready"})
-                    self.log.info("worker_ready", client_id=self.spec.client_id)
+                    self.log.info("subscribed", filter=self.route.subscription)
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     self.log.warning("master_gone", reason="parent changed")
                     self.stop_mode = protocol.STOP_KEEP
@@ -412,7 +412,14 @@ class Worker:
                 t.start()
                 self.threads.append(t)
 
+    def _bind_log_context(self) -> None:
+        """Handlers that log with structlog get pool/slot/pid on every event for free."""
+        structlog.contextvars.bind_contextvars(
+            pool=self.route.name, slot=self.spec.index, pid=os.getpid()
+        )
+
     def _sync_runner(self, handler: LoadedHandler, state: RunnerState) -> None:
+        self._bind_log_context()
         state.busy_thread = threading.get_ident()
         func = handler.func
         while True:
@@ -434,6 +441,7 @@ class Worker:
             self._complete(state, raw, message, pending, error, start)
 
     def _async_main(self, handler: LoadedHandler, ready: threading.Event) -> None:
+        self._bind_log_context()
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self.async_queue = asyncio.Queue()

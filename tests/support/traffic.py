@@ -70,6 +70,9 @@ class Publisher:
         self.next_id += 1
         ident = str(i)
         info = self.client.publish(self.topic_for(i), self.payload_for(i), qos=self.qos)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and self.qos > 0:
+            # paho keeps it queued and sends it after reconnecting; PUBACK still marks it
+            info.rc = mqtt.MQTT_ERR_SUCCESS
         self.infos.append((ident, info))
         return ident
 
