@@ -175,7 +175,9 @@ def socket_path_for(args: argparse.Namespace) -> str:
         return args.socket
     try:
         return load(args.config).control.socket
-    except ManifestError:
+    except ManifestError as e:
+        # A broken manifest is exactly when people ask for status: fall back, and say so.
+        sys.stderr.write(f"routemqd: {e}\nroutemqd: using {DEFAULT_CONTROL_SOCKET}\n")
         return DEFAULT_CONTROL_SOCKET
 
 

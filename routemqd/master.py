@@ -58,6 +58,10 @@ _SIGNAL_NAMES = {
 }
 
 
+class AlreadyRunning(Exception):
+    """Another routemqd answers on our control socket."""
+
+
 class Master:
     def __init__(self, manifest: Manifest, socket_path: str | None = None) -> None:
         self.manifest = manifest
@@ -109,6 +113,10 @@ class Master:
             self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
             self.extra_fds.append(self.control.fileno())
         except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                # Another master with this manifest: its workers use the same client ids, and
+                # two clients on one id kick each other off forever. Refuse to start.
+                raise AlreadyRunning(str(e)) from None
             self.log.error("control_socket_unavailable", path=self.socket_path, reason=str(e))
         if self.manifest.metrics is not None:
             try:
@@ -758,7 +766,7 @@ class Master:
                     slot.next_spec = change.new
                     slot.replace_reason = "manifest changed"
             elif change.action == "keep" and slot is not None and change.new is not None:
-                slot.spec = change.new if slot.proc is None else slot.spec
+                slot.spec = change.new  # equal for the worker; carries the new pool size
         return changes
 
     def restart_routes(self, routes: list[str] | None) -> list[str]:
@@ -939,7 +947,11 @@ def run_master(
 
         import routemqd.worker  # noqa: F401
 
-        master.start_services()
+        try:
+            master.start_services()
+        except AlreadyRunning as e:
+            sys.stderr.write(f"routemqd: {e}; refusing to start a second daemon\n")
+            return 73
         return master.run()
     finally:
         master.stop_services()

@@ -9,6 +9,7 @@ everything the broker queued for it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -86,6 +87,14 @@ class Change:
     new: SlotSpec | None
 
 
+def runtime_view(spec: SlotSpec) -> SlotSpec:
+    """The part of a spec a running worker depends on. The pool size and the master's timeouts
+    are not: scaling a pool must not restart the slots it keeps."""
+    return dataclasses.replace(
+        spec, route=dataclasses.replace(spec.route, workers=0), graceful_timeout=0.0
+    )
+
+
 def diff(
     current: dict[tuple[str, int], SlotSpec], desired: dict[tuple[str, int], SlotSpec]
 ) -> list[Change]:
@@ -99,7 +108,7 @@ def diff(
         old = current.get(key)
         if old is None:
             changes.append(Change(key, "start", None, new))
-        elif old == new:
+        elif runtime_view(old) == runtime_view(new):
             changes.append(Change(key, "keep", old, new))
         elif old.client_id == new.client_id:
             changes.append(Change(key, "replace-session", old, new))

@@ -61,3 +61,27 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Callable[..., Any]]:
+    """Start ``routemqd run`` processes: ``daemon_factory(manifest_path, env=...)``.
+
+    Every daemon and every worker PID it reported is stopped at teardown, by PID.
+    """
+    from tests.support.daemon import Daemon
+
+    started: list[Daemon] = []
+
+    def make(
+        manifest: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> Daemon:
+        d = Daemon(manifest, env=env, args=args)
+        started.append(d)
+        return d
+
+    try:
+        yield make
+    finally:
+        for d in started:
+            d.close()
