@@ -28,6 +28,7 @@ import structlog
 
 from routemqd import log as logsetup
 from routemqd import protocol
+from routemqd.board import AttemptLedger, InflightBoard
 from routemqd.exitcodes import ExitCode, describe
 from routemqd.health import Action, assess, same_process, sample
 from routemqd.manifest import Manifest, ManifestError, load
@@ -72,6 +73,7 @@ class Master:
         self.slots: dict[tuple[str, int], Slot] = {}
         self.by_pid: dict[int, tuple[Slot, Proc]] = {}
         self.by_fd: dict[int, Proc] = {}
+        self.attempts: dict[str, AttemptLedger] = {}  # per pool: messages that killed workers
         self.sel = selectors.DefaultSelector()
         self.rng = random.Random()
         self.notifier = Notifier.from_env()
@@ -266,6 +268,8 @@ class Master:
         """Fork a worker for ``spec``; ``hold``: warm up, wait for ``connect`` (session replace)."""
         status_r, status_w = os.pipe()
         command_r, command_w = os.pipe()
+        board = InflightBoard(spec.route.concurrency)
+        attempts = self.attempts.setdefault(spec.route.name, AttemptLedger()).snapshot()
         logsetup.sink().flush()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -277,7 +281,7 @@ class Master:
             self.log.error("fork_failed", pool=spec.route.name, slot=spec.index, reason=str(e))
             return None
         if pid == 0:  # pragma: no cover - runs in the child
-            self._child(spec, hold, status_w, command_r, (status_r, command_w))
+            self._child(spec, hold, status_w, command_r, (status_r, command_w), board, attempts)
         os.close(status_w)
         os.close(command_r)
         os.set_blocking(status_r, False)
@@ -299,6 +303,7 @@ class Master:
             create_time=create_time,
             held=hold,
             last_heartbeat=now,
+            board=board,
         )
         self.by_pid[pid] = (slot, proc)
         self.by_fd[status_r] = proc
@@ -315,6 +320,8 @@ class Master:
         status_w: int,
         command_r: int,
         parent_ends: tuple[int, ...],
+        board: InflightBoard,
+        attempts: dict[bytes, int],
     ) -> None:  # pragma: no cover - runs in the child
         code = int(ExitCode.CRASH)
         try:
@@ -343,7 +350,15 @@ class Master:
             _set_title(f"routemqd: worker {spec.label}")
             from routemqd.worker import run
 
-            code = run(spec, status_w, command_r, hold=hold, parent_pid=self.pid)
+            code = run(
+                spec,
+                status_w,
+                command_r,
+                hold=hold,
+                parent_pid=self.pid,
+                board=board,
+                attempts=attempts,
+            )
         except BaseException:
             code = int(ExitCode.CRASH)
         finally:
@@ -358,6 +373,10 @@ class Master:
             if kind == "hb":
                 proc.last_heartbeat = now
                 proc.stats = event
+                if event.get("resolved"):
+                    ledger = self.attempts.get(proc.spec.route.name)
+                    if ledger is not None:
+                        ledger.resolve([bytes.fromhex(d) for d in event["resolved"]])
             elif kind == "ready":
                 proc.last_heartbeat = now
                 if proc.ready_at is None:
@@ -435,6 +454,11 @@ class Master:
         expected = proc.stop_mode is not None and not proc.stuck_reported
         what = _describe_status(status)
         self._bank_counters(slot, proc)
+        if proc.board is not None:
+            if not expected:
+                self._count_attempts(proc)
+            proc.board.close()
+            proc.board = None
         fields = dict(
             pool=proc.spec.route.name,
             slot=proc.spec.index,
@@ -508,6 +532,24 @@ class Master:
                 slot=slot.spec.index,
                 delay_s=round(decision.delay, 3),
                 failures=slot.consecutive_failures,
+            )
+
+    def _count_attempts(self, proc: Proc) -> None:
+        """The worker died with these messages in hand: one more failed attempt for each."""
+        assert proc.board is not None
+        inflight = proc.board.inflight()
+        if not inflight:
+            return
+        ledger = self.attempts.setdefault(proc.spec.route.name, AttemptLedger())
+        for digest, count in ledger.record_crash(inflight).items():
+            self.log.warning(
+                "message_attempt_failed",
+                pool=proc.spec.route.name,
+                slot=proc.spec.index,
+                pid=proc.pid,
+                message=digest.hex()[:12],
+                attempts=count,
+                max_attempts=proc.spec.route.max_attempts,
             )
 
     def _bank_counters(self, slot: Slot, proc: Proc) -> None:

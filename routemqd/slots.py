@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from routemqd.board import InflightBoard
 from routemqd.manifest import SupervisorConfig
 from routemqd.plan import SlotSpec
 from routemqd.protocol import LineReader
@@ -61,6 +62,7 @@ class Proc:
     cpu_high_since: float | None = None
     rss: int = 0
     cpu: float = 0.0
+    board: InflightBoard | None = None  # what it is handling, readable after it dies
 
 
 @dataclass

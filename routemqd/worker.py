@@ -39,6 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from routemqd import protocol
+from routemqd.board import InflightBoard, fingerprint
 from routemqd.exitcodes import ExitCode
 from routemqd.handlers import HandlerError, LoadedHandler, load_handler
 from routemqd.message import Message
@@ -76,6 +77,9 @@ class RunnerState:
     last_error: str = ""
     buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     duration_sum: float = 0.0
+    cell: int = 0  # this runner's cell on the in-flight board
+    fingerprint: bytes | None = None
+    resolved: list[bytes] = field(default_factory=list)  # earlier crashers now finished
 
 
 class Worker:
@@ -85,8 +89,12 @@ class Worker:
         status_fd: int,
         command_fd: int | None = None,
         parent_pid: int | None = None,
+        board: InflightBoard | None = None,
+        attempts: Mapping[bytes, int] | None = None,
     ) -> None:
         self.spec = spec
+        self.board = board
+        self.attempts: Mapping[bytes, int] = attempts or {}
         self.route = spec.route
         self.status_fd = status_fd
         self.command_fd = command_fd
@@ -391,7 +399,7 @@ class Worker:
 
     def _start_runners(self, handler: LoadedHandler) -> None:
         n = self.route.concurrency
-        self.states = [RunnerState() for _ in range(n)]
+        self.states = [RunnerState(cell=i) for i in range(n)]
         if handler.is_async:
             ready = threading.Event()
             t = threading.Thread(
@@ -426,11 +434,10 @@ class Worker:
             raw = self.inbox.get()
             if raw is _STOP:
                 return
-            message, pending = self._message(raw)
-            start = time.monotonic()
-            state.busy_topic = message.topic
-            state.stuck_reported = False
-            state.busy_since = start
+            begun = self._begin(state, raw)
+            if begun is None:
+                continue
+            message, pending, start = begun
             error: BaseException | None = None
             try:
                 func(message)
@@ -455,11 +462,14 @@ class Worker:
                 raw = await self.async_queue.get()
                 if raw is _STOP:
                     return
-                message, pending = self._message(raw)
-                start = time.monotonic()
-                state.busy_topic = message.topic
-                state.stuck_reported = False
-                state.busy_since = start
+                begun = (
+                    await loop.run_in_executor(None, self._begin, state, raw)
+                    if (self.board is not None and self.attempts)
+                    else self._begin(state, raw)
+                )
+                if begun is None:
+                    continue
+                message, pending, start = begun
                 error: BaseException | None = None
                 try:
                     await handler.func(message)
@@ -481,6 +491,56 @@ class Worker:
             loop.run_until_complete(run_all())
         finally:
             loop.close()
+
+    def _begin(
+        self, state: RunnerState, raw: mqtt.MQTTMessage
+    ) -> tuple[Message, list[mqtt.MQTTMessageInfo], float] | None:
+        """Mark the message as in flight on the board; None if it is a known worker-killer
+        (then it has been dead-lettered or dropped, and acknowledged)."""
+        message, pending = self._message(raw)
+        state.fingerprint = None
+        if self.board is not None and raw.qos > 0:
+            digest = fingerprint(message.topic, message.payload)
+            prior = self.attempts.get(digest, 0)
+            if prior:
+                message.attempt = prior + 1
+                if prior >= self.route.max_attempts:
+                    self._poison(state, raw, message, pending, digest, prior)
+                    return None
+            state.fingerprint = digest
+            self.board.set(state.cell, digest)
+        start = time.monotonic()
+        state.busy_topic = message.topic
+        state.stuck_reported = False
+        state.busy_since = start
+        return message, pending, start
+
+    def _poison(
+        self,
+        state: RunnerState,
+        raw: mqtt.MQTTMessage,
+        message: Message,
+        pending: list[mqtt.MQTTMessageInfo],
+        digest: bytes,
+        prior: int,
+    ) -> None:
+        error = f"message took down {prior} workers (max_attempts {self.route.max_attempts})"
+        state.failed += 1
+        state.last_error = error
+        self.log.error(
+            "poison_message",
+            topic=message.topic,
+            attempts=prior,
+            action="dead-lettered" if self.route.dead_letter_topic else "dropped",
+        )
+        if self.route.dead_letter_topic:
+            pending.append(self._dead_letter(message, error))
+            state.dead_lettered += 1
+        if pending and not self._wait_published(pending):
+            return
+        state.resolved.append(digest)
+        if raw.qos > 0 and self.client is not None:
+            self.client.ack(raw.mid, raw.qos)
 
     def _message(self, raw: mqtt.MQTTMessage) -> tuple[Message, list[mqtt.MQTTMessageInfo]]:
         pending: list[mqtt.MQTTMessageInfo] = []
@@ -560,9 +620,18 @@ class Worker:
             state.handled += 1
         if pending and not self._wait_published(pending):
             # Not confirmed: leave the message unacked so it comes back with the session.
+            self._clear_cell(state)
             return
         if raw.qos > 0 and self.client is not None:
             self.client.ack(raw.mid, raw.qos)
+        if state.fingerprint is not None and message.attempt > 1:
+            state.resolved.append(state.fingerprint)
+        self._clear_cell(state)
+
+    def _clear_cell(self, state: RunnerState) -> None:
+        if self.board is not None and state.fingerprint is not None:
+            self.board.clear(state.cell)
+            state.fingerprint = None
 
     def _dead_letter(self, message: Message, error: str) -> mqtt.MQTTMessageInfo:
         topic = self.route.dead_letter_topic
@@ -592,13 +661,15 @@ class Worker:
     def _wait_published(self, infos: list[mqtt.MQTTMessageInfo], timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         for info in infos:
-            while not info.is_published():
-                if time.monotonic() > deadline or not self.connected.is_set():
-                    return False
-                try:
+            try:
+                while not info.is_published():
+                    if time.monotonic() > deadline or not self.connected.is_set():
+                        return False
                     info.wait_for_publish(0.2)
-                except (RuntimeError, ValueError):
-                    return False
+            except (RuntimeError, ValueError):
+                # is_published() raises too, e.g. for a publish made while disconnected (rc
+                # NO_CONN): not confirmed, and it must not kill the runner thread
+                return False
         return True
 
     # ---------------------------------------------------------------------------- reporting
@@ -647,8 +718,16 @@ class Worker:
                 "last_error": last_error,
                 "buckets": buckets,
                 "duration_sum": round(sum(s.duration_sum for s in self.states), 6),
+                "resolved": self._take_resolved(),
             }
         )
+
+    def _take_resolved(self) -> list[str]:
+        out: list[str] = []
+        for s in self.states:
+            taken, s.resolved = s.resolved, []
+            out.extend(d.hex() for d in taken)
+        return out
 
     @staticmethod
     def _stack_of(thread_id: int | None) -> str:
@@ -748,9 +827,11 @@ def run(
     command_fd: int | None = None,
     hold: bool = False,
     parent_pid: int | None = None,
+    board: InflightBoard | None = None,
+    attempts: Mapping[bytes, int] | None = None,
 ) -> int:
     """Run one slot's worker until told to stop; returns an ExitCode value."""
-    worker = Worker(spec, status_fd, command_fd, parent_pid)
+    worker = Worker(spec, status_fd, command_fd, parent_pid, board, attempts)
     try:
         return worker.main(hold=hold)
     except Exception as e:
