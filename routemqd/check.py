@@ -59,11 +59,19 @@ def probe_handlers(manifest: Manifest, timeout: float = PROBE_TIMEOUT) -> dict[s
             error=item.get("error", ""),
             is_async=item.get("async", False),
         )
+    died = False
     for ref in refs:
-        if ref not in reports:  # the child died while importing it (os._exit, segfault, hang)
+        if ref in reports:
+            continue
+        if not died:  # the child died while importing this one (os._exit, segfault, hang)
+            died = True
             why = tail[0] if tail else "the import process died"
             reports[ref] = HandlerReport(ref=ref, ok=False, error=f"handler {ref}: {why}")
-            break
+        else:
+            reports[ref] = HandlerReport(
+                ref=ref, ok=False,
+                error=f"handler {ref}: not checked (the check process died on an earlier handler)",
+            )
     return reports
 
 

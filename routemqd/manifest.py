@@ -325,6 +325,7 @@ class _Map:
             raise ctx.error(node, fname, f"the tag {node.tag!r} is not allowed in a manifest")
         if _merged_size(node, {}) > MAX_NODES:
             raise ctx.error(node, fname, f"more than {MAX_NODES} keys after merging (<< bomb?)")
+        own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
         try:
             _constructor.flatten_mapping(node)
         except yaml.YAMLError as e:
@@ -337,9 +338,10 @@ class _Map:
             key = _plain(ctx, knode, fname)
             if not isinstance(key, str):
                 raise ctx.error(knode, fname, f"keys must be text, got {key!r}")
-            if key in self.items:
+            if key in self.items and id(self.items[key][0]) in own and id(knode) in own:
                 first = self.items[key][0].start_mark.line + 1
                 raise ctx.error(knode, self.sub(key), f"duplicate key (first set on line {first})")
+            # merged keys come first: a later merge, or the mapping's own key, overrides them
             self.items[key] = (knode, vnode)
         self.used: set[str] = set()
 
@@ -537,6 +539,9 @@ def _build(ctx: _Ctx, root: yaml.Node | None, world_readable: bool) -> Manifest:
     metrics = _metrics(ctx, top)
     defaults = _route_settings(ctx, top)
     routes_node = top.take("routes")
+    for key in top.items:
+        if key.startswith("x-"):
+            top.take(key)  # extension fields: a place for YAML anchors, otherwise ignored
     top.finish()
     if routes_node is None:
         raise ctx.error(root, "routes", "missing: a manifest needs at least one route")

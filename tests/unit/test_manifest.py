@@ -786,3 +786,33 @@ def test_unmutated_base_is_valid() -> None:
     m = loads(yaml.safe_dump(_BASE), "<base>", environ={})
     assert m.routes[0].workers == 2
     assert os.path.isabs(m.control.socket)
+
+
+def test_merge_keys_are_overridden_by_the_routes_own_keys(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "x-base: &base\n"
+        "  handler: routemqd.examples.handlers:noop\n"
+        "  qos: 1\n"
+        "routes:\n"
+        "  - <<: *base\n"
+        "    topic: a/b\n"
+        "    qos: 0\n"
+    )
+    m = load(path)
+    assert m.routes[0].qos == 0
+    assert m.routes[0].handler == "routemqd.examples.handlers:noop"
+
+
+def test_own_duplicate_keys_stay_errors_next_to_a_merge(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "x-base: &base {qos: 1}\n"
+        "routes:\n"
+        "  - <<: *base\n"
+        "    topic: a/b\n"
+        "    handler: m:f\n"
+        "    topic: a/c\n"
+    )
+    with pytest.raises(ManifestError, match=r"m.yaml:6: routes\[0\]\.topic: duplicate key"):
+        load(path)
