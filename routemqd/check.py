@@ -69,7 +69,8 @@ def probe_handlers(manifest: Manifest, timeout: float = PROBE_TIMEOUT) -> dict[s
             reports[ref] = HandlerReport(ref=ref, ok=False, error=f"handler {ref}: {why}")
         else:
             reports[ref] = HandlerReport(
-                ref=ref, ok=False,
+                ref=ref,
+                ok=False,
                 error=f"handler {ref}: not checked (the check process died on an earlier handler)",
             )
     return reports

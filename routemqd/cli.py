@@ -24,7 +24,8 @@ commands:
   status    show the daemon and every slot (via the control socket)
   reload    re-read the manifest and apply only what changed (same as SIGHUP)
   restart   rolling restart of every slot, or of the named routes, keeping sessions
-  stop      graceful stop (same as SIGTERM)
+  stop      graceful stop (same as SIGTERM); --retire ends the sessions too
+  retire-host  end the sessions of a host that is gone for good
 
 exit codes: 0 ok, 78 invalid manifest or handler, 69 daemon not running.
 docs: README.md, or `routemqd check -c FILE` to see what a manifest means.
@@ -71,6 +72,22 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "restart":
             sp.add_argument("routes", nargs="*", metavar="ROUTE", help="only these routes")
+        if name == "stop":
+            sp.add_argument(
+                "--retire",
+                action="store_true",
+                help="end every slot's session instead of keeping it (this host leaves for good)",
+            )
+
+    retire = sub.add_parser(
+        "retire-host",
+        help="end the sessions of a host that is gone for good",
+        description="Resume each session of HOST_ID (handling what the broker queued for it), "
+        "unsubscribe, drain, and end it. Run on a surviving host with the same manifest after "
+        "a host was removed without a retiring stop, so its share is not stranded.",
+    )
+    manifest_arg(retire)
+    retire.add_argument("host_id", metavar="HOST_ID")
 
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     manifest_arg(worker)
@@ -106,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_master(args.config, pidfile=args.pidfile, socket_path=args.socket)
     if args.command == "worker":
         return _worker(args)
+    if args.command == "retire-host":
+        from routemqd.master import retire_host
+
+        return retire_host(args.config, args.host_id)
     from routemqd.control import client_main
 
     return client_main(args)

@@ -117,7 +117,7 @@ class ControlServer:
                 return {"ok": False, "error": f"no such route: {e.args[0]}"}
             return {"ok": True, "routes": names}
         if cmd == "stop":
-            m.begin_shutdown("control socket")
+            m.begin_shutdown("control socket", "retire" if request.get("retire") else None)
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
@@ -186,6 +186,8 @@ def client_main(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"cmd": args.command}
     if args.command == "restart":
         payload["routes"] = args.routes
+    if args.command == "stop" and args.retire:
+        payload["retire"] = True
     try:
         reply = request(path, payload)
     except FileNotFoundError:
@@ -203,13 +205,14 @@ def client_main(args: argparse.Namespace) -> int:
     if args.command == "status":
         if args.json:
             sys.stdout.write(json.dumps(reply, indent=2, default=str) + "\n")
-        else:
+        elif reply.get("ok"):
             sys.stdout.write(render_status(reply))
-        return 0 if reply.get("ok") else 1
+        if reply.get("ok"):
+            return 0
     if not reply.get("ok"):
         error = reply.get("error") or (reply.get("last_reload") or {}).get("error")
         sys.stderr.write(f"routemqd: {args.command} failed: {error}\n")
-        return 1
+        return EX_NOPERM if error == "permission denied" else 1
     if args.command == "reload":
         if reply.get("queued"):
             sys.stdout.write("reload queued: a rolling replace is still in progress\n")
@@ -220,7 +223,8 @@ def client_main(args: argparse.Namespace) -> int:
     elif args.command == "restart":
         sys.stdout.write(f"rolling restart of {', '.join(reply['routes'])} started\n")
     elif args.command == "stop":
-        sys.stdout.write("graceful stop started\n")
+        how = "retiring every slot" if args.retire else "keeping sessions"
+        sys.stdout.write(f"graceful stop started ({how})\n")
     return 0
 
 

@@ -114,6 +114,7 @@ class SupervisorConfig:
     failure_window: float = 60.0
     failed_cooldown: float = 60.0
     recycle_min_lifetime: float = 30.0
+    stop_mode: str = "keep"  # keep: sessions wait for this host to return; retire: end them
 
 
 @dataclass(frozen=True)
@@ -730,9 +731,22 @@ def _supervisor(ctx: _Ctx, top: _Map) -> SupervisorConfig:
         recycle_min_lifetime=_field(
             m, "recycle_min_lifetime", d.recycle_min_lifetime, _duration(0)
         ),
+        stop_mode=_field(m, "stop_mode", d.stop_mode, _stop_mode),
     )
     m.finish()
     return cfg
+
+
+def _stop_mode(ctx: _Ctx, node: yaml.Node, fname: str) -> str:
+    v = _as_str(ctx, node, fname)
+    if v not in ("keep", "retire"):
+        raise ctx.error(
+            node,
+            fname,
+            f"expected keep (sessions wait for this host to come back) or retire (leave the "
+            f"groups and end the sessions), got {v!r}",
+        )
+    return v
 
 
 def _control(ctx: _Ctx, top: _Map) -> ControlConfig:

@@ -13,6 +13,7 @@ handler in the child, so a handler that fails to import, leaks or segfaults hurt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import random
@@ -86,6 +87,7 @@ class Master:
         self.shutdown_deadline = 0.0
         self.exit_code = 0
         self.reload_requested = False
+        self.draining = False  # retire-host mode: retire every slot once, then exit
         self.last_reload: dict[str, Any] = {"ok": True, "at": None, "error": None, "summary": None}
         self.socket_path = socket_path or manifest.control.socket
         self.control: Any = None
@@ -142,8 +144,9 @@ class Master:
     # ------------------------------------------------------------------------------ loop
 
     def run(self) -> int:
-        for spec in slots_for(self.manifest).values():
-            self.slots[spec.key] = Slot(spec=spec)
+        if not self.slots:
+            for spec in slots_for(self.manifest).values():
+                self.slots[spec.key] = Slot(spec=spec)
         self.log.info(
             "master_started",
             pid=self.pid,
@@ -156,7 +159,7 @@ class Master:
         while True:
             now = time.monotonic()
             self.reconcile(now)
-            if self.shutting_down and not self.by_pid:
+            if not self.by_pid and (self.shutting_down or (self.draining and not self.slots)):
                 break
             timeout = self._next_timeout(time.monotonic())
             for key, _ in self.sel.select(timeout):
@@ -238,7 +241,9 @@ class Master:
         logsetup.sink().reopen()
         self.log.info("log_reopened")
 
-    def begin_shutdown(self, reason: str) -> None:
+    def begin_shutdown(self, reason: str, mode: str | None = None) -> None:
+        """Graceful stop. ``keep``: sessions stay and queue for this host's return (a restart);
+        ``retire``: every slot leaves its group and ends its session (a host removed for good)."""
         now = time.monotonic()
         if self.shutting_down:
             # A second request: stop waiting for in-flight work.
@@ -251,16 +256,20 @@ class Master:
         self.shutting_down = True
         self.shutdown_deadline = now + self.manifest.supervisor.graceful_timeout
         self.notifier.stopping()
+        mode = mode or self.manifest.supervisor.stop_mode
         self.log.info(
             "shutdown_started",
             reason=reason,
+            mode=mode,
             workers=len(self.by_pid),
             graceful_timeout=self.manifest.supervisor.graceful_timeout,
         )
-        for _, proc in list(self.by_pid.values()):
-            self.stop(
-                proc, protocol.STOP_KEEP, "shutdown", self.manifest.supervisor.graceful_timeout
-            )
+        for slot in self.slots.values():
+            for proc in slot.live:
+                # a held replacement never connected: it has no session to retire
+                held = proc is slot.incoming and proc.held and not proc.connect_sent
+                proc_mode = protocol.STOP_KEEP if held else mode
+                self.stop(proc, proc_mode, "shutdown", self.manifest.supervisor.graceful_timeout)
 
     # ------------------------------------------------------------------------ spawning
 
@@ -566,9 +575,8 @@ class Master:
         proc.stats = {}
 
     def _forget_slot(self, slot: Slot) -> None:
-        current = self.slots.get(slot.key)
-        if current is slot:
-            del self.slots[slot.key]
+        for key in [k for k, s in self.slots.items() if s is slot]:
+            del self.slots[key]
         self.log.info("slot_retired", pool=slot.spec.route.name, slot=slot.spec.index)
 
     def _promote_when_ready(self, slot: Slot) -> None:
@@ -811,6 +819,13 @@ class Master:
                 slot.spec = change.new  # equal for the worker; carries the new pool size
         return changes
 
+    def drain_all(self) -> None:
+        """Retire-host mode: start every slot's worker once, straight into retire."""
+        self.draining = True
+        for slot in self.slots.values():
+            slot.proc = self.spawn(slot, slot.spec, hold=False)
+            slot.retiring = True
+
     def restart_routes(self, routes: list[str] | None) -> list[str]:
         """Rolling restart keeping sessions: deploy new handler code without a manifest edit."""
         names = set(routes or [r.name for r in self.manifest.routes])
@@ -956,6 +971,33 @@ def _describe_status_code(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return describe(code)
+
+
+def retire_host(manifest_path: str, host_id: str) -> int:
+    """End the sessions of a host that is gone for good: for each of its slots, a worker resumes
+    the session (handling what the broker queued for it), unsubscribes, drains, and ends it."""
+    try:
+        manifest = load(manifest_path)
+    except ManifestError as e:
+        sys.stderr.write(f"routemqd: {e}\n")
+        return int(ExitCode.CONFIG)
+    logsetup.configure(manifest.logging.level, manifest.logging.format, manifest.logging.file)
+    logsetup.set_secrets(manifest.secrets())
+    manifest = dataclasses.replace(manifest, host_id=host_id)
+    master = Master(manifest, socket_path=os.devnull)
+    master.install_signals()
+    for spec in slots_for(manifest).values():
+        master.slots[spec.key] = Slot(spec=spec)
+    master.log.info("retire_host_started", host_id=host_id, slots=len(master.slots))
+    import paho.mqtt.client  # noqa: F401 - warm the forks, as run_master does
+
+    master.drain_all()
+    code = master.run()
+    if master.shutting_down:
+        master.log.warning("retire_host_interrupted", host_id=host_id)
+        return 1
+    master.log.info("retire_host_done", host_id=host_id)
+    return code
 
 
 def run_master(

@@ -75,7 +75,13 @@ class MetricsServer:
             )
         if path in ("/healthz", "/readyz"):
             ready, startable, failed = self.master.counts()
-            ok = startable > 0 and ready >= startable and not self.master.shutting_down
+            # A slot parked in ``failed`` is not counted as startable, so check it on its own.
+            ok = (
+                startable > 0
+                and ready >= startable
+                and failed == 0
+                and not self.master.shutting_down
+            )
             text = f"{ready}/{startable} workers ready, {failed} failed\n".encode()
             return ("200 OK" if ok else "503 Service Unavailable"), "text/plain", text
         return "404 Not Found", "text/plain", b"try /metrics or /healthz\n"
