@@ -73,6 +73,8 @@ class MetricsServer:
                 "text/plain; version=0.0.4; charset=utf-8",
                 render(self.master).encode(),
             )
+        if path == "/livez":
+            return "200 OK", "text/plain", b"the master loop is running\n"
         if path in ("/healthz", "/readyz"):
             ready, startable, failed = self.master.counts()
             # A slot parked in ``failed`` is not counted as startable, so check it on its own.
