@@ -37,7 +37,7 @@ test: install system-deps
 	$(BIN)/pytest
 
 chaos: install system-deps
-	$(BIN)/pytest -m slow -p no:randomly tests/chaos
+	$(BIN)/pytest -m slow -s tests/chaos
 
 bench: install system-deps
 	$(BIN)/pip install --quiet -e '.[bench]'

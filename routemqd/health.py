@@ -26,6 +26,7 @@ class Action(StrEnum):
 class Verdict:
     action: Action
     reason: str = ""
+    grace: float | None = None  # for KILL: how long it may take to let go (None: the default)
 
 
 HEALTHY = Verdict(Action.NONE)
@@ -60,7 +61,8 @@ def assess(proc: Proc, now: float, min_lifetime: float) -> Verdict:
     route = proc.spec.route
     silent = now - proc.last_heartbeat
     if silent > route.heartbeat_timeout:
-        return Verdict(Action.KILL, f"no heartbeat for {silent:.0f}s (frozen process?)")
+        # a frozen process cannot drain anything: no point in waiting for it
+        return Verdict(Action.KILL, f"no heartbeat for {silent:.0f}s (frozen process?)", 0.0)
     deadline = route.handler_timeout or route.heartbeat_timeout
     busy = float(proc.stats.get("busy_for", 0.0) or 0.0)
     if busy > deadline:

@@ -632,7 +632,8 @@ class Master:
                         action="kill",
                         busy_topic=proc.stats.get("busy_topic") or None,
                     )
-                    self.stop(proc, protocol.STOP_KEEP, verdict.reason, STUCK_KILL_GRACE)
+                    grace = STUCK_KILL_GRACE if verdict.grace is None else verdict.grace
+                    self.stop(proc, protocol.STOP_KEEP, verdict.reason, grace)
                 elif verdict.action == Action.RECYCLE and proc is slot.proc:
                     pool = slot.spec.route.name
                     if pool in recycling_pools:
@@ -691,7 +692,13 @@ class Master:
         """Bring every slot towards what it should be. The one place that (re)starts workers."""
         if self.shutting_down:
             return
-        busy_pools = {s.spec.route.name for s in self.slots.values() if s.incoming is not None}
+        # One slot of a pool at a time: a replaced slot stays busy until its new worker is ready.
+        busy_pools = {
+            s.spec.route.name
+            for s in self.slots.values()
+            if s.incoming is not None
+            or (s.proc is not None and s.proc.connect_sent and s.proc.ready_at is None)
+        }
         for slot in list(self.slots.values()):
             pool = slot.spec.route.name
             if slot.retiring:
@@ -702,6 +709,8 @@ class Master:
                     continue
                 if slot.next_spec is not None:
                     slot.spec, slot.next_spec, slot.replace_reason = slot.next_spec, None, ""
+                if self._client_id_held(slot, slot.spec.client_id):
+                    continue  # a retiring worker still holds this session; its exit wakes us
                 slot.proc = self.spawn(slot, slot.spec, hold=False)
                 if slot.proc is None:
                     slot.state, slot.next_start_at = State.BACKOFF, now + 1.0
@@ -714,6 +723,8 @@ class Master:
             if slot.replace_reason and pool not in busy_pools:
                 if slot.proc is not None and slot.proc.ready_at is None:
                     continue  # replace from a settled state only
+                if self._client_id_held(slot, (slot.next_spec or slot.spec).client_id):
+                    continue
                 busy_pools.add(pool)
                 self._begin_replace(slot)
 
@@ -761,6 +772,15 @@ class Master:
                 self.stop(proc, protocol.STOP_RETIRE, "retired", grace)
         if not slot.live:
             self._forget_slot(slot)
+
+    def _client_id_held(self, slot: Slot, client_id: str) -> bool:
+        """Another slot's live worker uses this client id: a slot that was retired and has come
+        back under the same key. Two live clients on one id kick each other off, and the retiring
+        one ends the session the new one would take, so the new worker waits for it to exit."""
+        return any(
+            other is not slot and proc.spec.client_id == client_id
+            for other, proc in self.by_pid.values()
+        )
 
     def _replacing(self) -> bool:
         return any(s.incoming is not None or s.replace_reason for s in self.slots.values())
