@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from routemqd import __version__
@@ -107,7 +108,21 @@ def _load_or_exit(path: str) -> object:
         raise SystemExit(int(ExitCode.CONFIG)) from None
 
 
+MASTER_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGCHLD,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
+        # Hold the master's signals from the first instant: one that arrives while we are still
+        # importing waits in the kernel and is handled once the loop's handlers are installed.
+        signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()

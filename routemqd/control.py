@@ -159,14 +159,30 @@ def _send(conn: socket.socket, reply: dict[str, Any]) -> None:
 def request(path: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    send_error: OSError | None = None
+    buf = b""
     try:
         s.connect(path)
-        s.sendall(json.dumps(payload).encode() + b"\n")
-        buf = b""
-        while chunk := s.recv(65536):
+        try:
+            s.sendall(json.dumps(payload).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError) as e:
+            # The daemon may answer and close before reading (a refused peer): read the answer.
+            send_error = e
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                # Closing with our request unread resets the connection after the reply.
+                if not buf:
+                    raise
+                break
+            if not chunk:
+                break
             buf += chunk
     finally:
         s.close()
+    if send_error is not None and not buf:
+        raise send_error
     return json.loads(buf or b"{}")
 
 

@@ -671,6 +671,13 @@ def _password(ctx: _Ctx, m: _Map) -> Secret | None:
         )
     key = given[0]
     node = m.node_of(key)
+    if key == "password" and not (
+        isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str"
+    ):
+        # the usual "got int 12345" would print the password itself
+        raise ctx.error(
+            node, "broker.password", "expected text; put the password in quotes (value not shown)"
+        )
     value = _as_str(ctx, node, f"broker.{key}")
     if key == "password":
         return Secret(value, "manifest")

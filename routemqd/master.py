@@ -82,6 +82,7 @@ class Master:
         self.next_watchdog = 0.0
         self.next_health = 0.0
         self.ready_notified = False
+        self.reload_ready_due: float | None = None  # READY=1 owed to systemd after a reload
         self.status_line = ""
         self.shutting_down = False
         self.shutdown_deadline = 0.0
@@ -107,6 +108,8 @@ class Master:
             signal.signal(sig, _wake_only)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self.sel.register(self._sig_r, selectors.EVENT_READ, "signals")
+        # `routemqd run` blocked these at start-up; what arrived meanwhile is delivered now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
 
     def start_services(self) -> None:
         from routemqd.control import ControlServer
@@ -239,7 +242,10 @@ class Master:
 
     def handle_usr1(self) -> None:
         logsetup.sink().reopen()
-        self.log.info("log_reopened")
+        # Workers hold their own copy of the old file (inherited at fork): ask them to reopen too.
+        for _, proc in list(self.by_pid.values()):
+            self.command(proc, cmd="reopen_logs")
+        self.log.info("log_reopened", workers=len(self.by_pid))
 
     def begin_shutdown(self, reason: str, mode: str | None = None) -> None:
         """Graceful stop. ``keep``: sessions stay and queue for this host's return (a restart);
@@ -648,8 +654,6 @@ class Master:
                     )
                     slot.replace_reason = verdict.reason
                     slot.next_spec = slot.spec
-                    key = "memory" if "rss" in verdict.reason else "cpu"
-                    slot.restart_reasons[key] = slot.restart_reasons.get(key, 0) + 1
 
     # ------------------------------------------------------------------------- stopping
 
@@ -746,6 +750,8 @@ class Master:
         )
         slot.restarts += 1
         slot.last_reason = reason
+        key = _replace_kind(reason)
+        slot.restart_reasons[key] = slot.restart_reasons.get(key, 0) + 1
         slot.incoming = self.spawn(slot, new, hold=same_session)
 
     def _advance_replace(self, slot: Slot) -> None:
@@ -806,7 +812,8 @@ class Master:
         )
         for warning in new.warnings:
             self.log.warning("manifest_warning", reason=warning)
-        self.notifier.ready(self.status_summary())
+        # READY=1 ends the reload for systemd: _notify sends it once the new workers are up.
+        self.reload_ready_due = time.monotonic() + STARTUP_READY_TIMEOUT
 
     def apply(self, new: Manifest) -> list[Any]:
         current = {key: (s.next_spec or s.spec) for key, s in self.slots.items() if not s.retiring}
@@ -832,6 +839,9 @@ class Master:
                 if slot.proc is None and slot.incoming is None:
                     slot.spec = change.new
                     slot.next_spec = None
+                    # a slot parked in backoff/failed gets the new spec now, not after the
+                    # cool-down meant for the spec that kept failing
+                    slot.next_start_at = 0.0
                 else:
                     slot.next_spec = change.new
                     slot.replace_reason = "manifest changed"
@@ -945,12 +955,19 @@ class Master:
             ready >= startable or now - self.started > STARTUP_READY_TIMEOUT
         ):
             self.ready_notified = True
-            self.notifier.ready(self.status_summary())
+            self.status_line = self.status_summary()
+            self.notifier.ready(self.status_line)
             self.log.info(
                 "master_ready",
-                summary=self.status_summary(),
+                summary=self.status_line,
                 startup_ms=round((now - self.started) * 1000, 1),
             )
+        if self.reload_ready_due is not None and (
+            (ready >= startable and not self._replacing()) or now >= self.reload_ready_due
+        ):
+            self.reload_ready_due = None
+            self.status_line = self.status_summary()
+            self.notifier.ready(self.status_line)
         line = self.status_summary()
         if line != self.status_line:
             self.status_line = line
@@ -958,6 +975,17 @@ class Master:
         if self.watchdog_every and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + self.watchdog_every
+
+
+def _replace_kind(reason: str) -> str:
+    """The ``reason`` label of routemqd_worker_restarts_total for a planned replacement."""
+    if reason.startswith("rss"):
+        return "memory"
+    if reason.startswith("cpu"):
+        return "cpu"
+    if reason == "manifest changed" or reason.startswith("replaced by"):
+        return "reload"
+    return "restart" if reason.startswith("restart") else "replace"
 
 
 def _wake_only(signum: int, frame: object) -> None:

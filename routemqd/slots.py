@@ -117,6 +117,7 @@ def after_exit(
     rng = rng or random.Random()
     if lived_healthy:
         slot.consecutive_failures = 0
+        slot.failures.clear()
     slot.consecutive_failures += 1
     slot.failures.append(now)
     while slot.failures and now - slot.failures[0] > cfg.failure_window:

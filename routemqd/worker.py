@@ -38,10 +38,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from routemqd import log as logsetup
 from routemqd import protocol
 from routemqd.board import InflightBoard, fingerprint
 from routemqd.exitcodes import ExitCode
 from routemqd.handlers import HandlerError, LoadedHandler, load_handler
+from routemqd.log import redact
 from routemqd.message import Message
 from routemqd.plan import SlotSpec
 
@@ -195,6 +197,8 @@ class Worker:
         kind = cmd.get("cmd")
         if kind == "connect":
             self.connect_allowed = True
+        elif kind == "reopen_logs":
+            logsetup.sink().reopen()  # our copy of the log file, inherited through fork
         elif kind == "stop":
             mode = cmd.get("mode")
             self.stop_mode = mode if mode in (protocol.STOP_KEEP, protocol.STOP_RETIRE) else "keep"
@@ -279,7 +283,13 @@ class Worker:
     def _start_client(self) -> None:
         assert self.handler is not None
         self._start_runners(self.handler)
-        self.client = self._build_client()
+        try:
+            self.client = self._build_client()
+        except (ssl.SSLError, OSError) as e:
+            # tls_set loads the CA and client certificate files: a bad file fails every restart
+            reason = f"TLS set-up failed: cannot load the CA or client certificate files: {e}"
+            self._boot_fail(ExitCode.TLS_FAILED, reason)
+            return
         args = self._connect_args()
         try:
             self.client.connect(**args)
@@ -604,7 +614,8 @@ class Worker:
         state.duration_sum += elapsed
         if error is not None:
             state.failed += 1
-            state.last_error = f"{type(error).__name__}: {error}"[:500]
+            # status and dead letters carry it too: scrub secrets here, not only in the log
+            state.last_error = redact(f"{type(error).__name__}: {error}")[:500]
             self.log.error(
                 "handler_failed",
                 topic=message.topic,
