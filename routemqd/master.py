@@ -864,6 +864,10 @@ class Master:
             raise KeyError(", ".join(sorted(unknown)))
         for slot in self.slots.values():
             if slot.spec.route.name in names and not slot.retiring:
+                if slot.proc is None and slot.incoming is None:
+                    # parked in backoff or failed: the operator says the code is fixed, try now
+                    slot.next_start_at = 0.0
+                    continue
                 slot.replace_reason = "restart requested"
                 slot.next_spec = slot.next_spec or slot.spec
         self.log.info("restart_requested", routes=sorted(names))
