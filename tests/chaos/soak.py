@@ -49,6 +49,8 @@ class Report:
     max_delay: float = 0.0
     faults: Counter[str] = field(default_factory=Counter)
     restarts_seen: int = 0
+    timeline: list[tuple[float, str]] = field(default_factory=list)  # (wall time, fault)
+    lost_context: dict[str, str] = field(default_factory=dict)
 
     @property
     def fault_total(self) -> int:
@@ -69,6 +71,8 @@ class Report:
             f"  LOST, ours        {len(self.lost_ours)}"
             + (f"  e.g. {self.lost_ours[:10]}" if self.lost_ours else ""),
         ]
+        for ident in self.lost_ours[:10]:
+            lines.append(f"    {ident}: {self.lost_context.get(ident, '')}")
         return "\n".join(lines)
 
 
@@ -297,6 +301,7 @@ def run_soak(
             else:
                 continue
             report.faults[kind] += 1
+            report.timeline.append((time.time(), kind))
     finally:
         pub.stop()
         for pid in stopped:
@@ -331,6 +336,10 @@ def run_soak(
         elif ident not in dead.ids:
             in_window = any(a <= t_pub <= b for a, b in broker_windows)
             (report.lost_broker_window if in_window else report.lost_ours).append(ident)
+            near = [
+                f"{kind}@{t - t_pub:+.2f}s" for t, kind in report.timeline if -10 <= t - t_pub <= 5
+            ]
+            report.lost_context[ident] = f"published {t_pub:.3f}; faults near: {near}"
     report.restarts_seen = sum(s["restarts"] for s in daemon.status()["slots"])
     (tmp / "chaos-report.json").write_text(
         json.dumps(
