@@ -7,9 +7,10 @@ handled the last one.
 - baseline: a paho-mqtt 2.x client in this process, auto-ack, ``on_message`` does nothing;
 - routemqd: one worker slot (``routemqd.examples.handlers:noop``, concurrency 1). The worker
   subscribes once and is stopped with SIGTERM (session kept); the backlog is published; the worker
-  is started again. The clock starts at its ``warm`` event (handler imported, about to connect) and
-  stops when ``handled`` reaches N, interpolated between the two heartbeats around it (heartbeats
-  come once a second). The time including interpreter start-up is printed too.
+  is started again. Heartbeats come only once a second, so the rate is taken over the time the
+  worker was certainly busy: from its ``warm`` event (handler imported, about to connect) to the
+  last heartbeat sent before ``handled`` reached N, with that heartbeat's ``handled`` count. The
+  same rate counted from process start (interpreter start-up included) is printed too.
 
 Run from the repository root: ``.venv/bin/python bench/worker_throughput.py [-n 20000] [-r 3]``.
 The broker and every worker are stopped by PID on exit, also on Ctrl-C or SIGTERM.
@@ -137,10 +138,11 @@ def run_baseline(broker: Broker, protocol: int, n: int, tag: str) -> float:
 # ----------------------------------------------------------------------------------- routemqd
 
 
-def wait_handled(w: WorkerProc, n: int) -> tuple[float, float]:
-    """Arrival times of the ``warm`` event and of handled == n (interpolated between heartbeats)."""
+def wait_handled(w: WorkerProc, n: int) -> tuple[float, float, int]:
+    """Wait until the worker reports ``handled`` >= n. Returns the arrival time of ``warm`` and
+    of the last heartbeat sent while it was still draining, with that heartbeat's count."""
     warm_at: float | None = None
-    prev: tuple[float, int] | None = None
+    last: tuple[float, int] | None = None
     seen = 0
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
@@ -149,15 +151,13 @@ def wait_handled(w: WorkerProc, n: int) -> tuple[float, float]:
         for e in w.events[seen:]:
             if e.get("t") == "warm":
                 warm_at = now
-                prev = (now, 0)
-            elif e.get("t") == "hb" and prev is not None:
+            elif e.get("t") == "hb" and warm_at is not None:
                 handled = int(e["handled"])
                 if handled >= n:
-                    t0, h0 = prev
-                    share = (n - h0) / (handled - h0) if handled > h0 else 1.0
-                    assert warm_at is not None
-                    return warm_at, t0 + share * (now - t0)
-                prev = (now, handled)
+                    if last is None or last[1] == 0:
+                        raise RuntimeError("drained within one heartbeat: use a larger -n")
+                    return warm_at, last[0], last[1]
+                last = (now, handled)
             elif e.get("t") == "boot_error":
                 raise RuntimeError(f"worker failed to boot: {e}")
         seen = len(w.events)
@@ -194,12 +194,12 @@ def run_worker(
     spawned = time.monotonic()
     second = WorkerProc(manifest, "bench", 0)
     live.append(second)
-    warm_at, done_at = wait_handled(second, n)
+    warm_at, busy_until, handled = wait_handled(second, n)
     second.signal(signal.SIGUSR2)  # retire: end the session so the broker can forget it
     second.wait(WAIT)
     second.close()
     live.remove(second)
-    return n / (done_at - warm_at), n / (done_at - spawned)
+    return handled / (busy_until - warm_at), handled / (busy_until - spawned)
 
 
 # --------------------------------------------------------------------------------------- main

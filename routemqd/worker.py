@@ -130,6 +130,7 @@ class Worker:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._sub_mid: int | None = None
+        self.max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -329,6 +330,7 @@ class Worker:
                 self.log.warning("connect_refused", reason=str(rc))
             return
         self.reconnect_attempts = 0
+        self.max_packet = getattr(props, "MaximumPacketSize", None)
         self.connected.set()
         self.log.info(
             "connected",
@@ -544,7 +546,8 @@ class Worker:
             action="dead-lettered" if self.route.dead_letter_topic else "dropped",
         )
         if self.route.dead_letter_topic:
-            pending.append(self._dead_letter(message, error))
+            if (info := self._dead_letter(message, error)) is not None:
+                pending.append(info)
             state.dead_lettered += 1
         if pending and not self._wait_published(pending):
             return
@@ -598,6 +601,17 @@ class Worker:
                 else:
                     attr = "".join(p.capitalize() for p in name.split("_"))
                     setattr(properties, attr, value)
+        if self.max_packet is not None:
+            # The broker drops the connection on a larger packet, and paho sends it again on every
+            # reconnect: refuse it here. Fixed header at most 5, topic length 2, packet id 2.
+            body = len(payload.encode() if isinstance(payload, str) else payload)
+            extra = len(properties.pack()) if properties is not None else 1
+            size = 5 + 2 + len(topic.encode()) + 2 + extra + body
+            if size > self.max_packet:
+                raise PublishTooLarge(
+                    f"publishing {size} bytes to {topic!r} exceeds the broker's maximum packet "
+                    f"size of {self.max_packet}"
+                )
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
 
     def _complete(
@@ -625,7 +639,8 @@ class Worker:
                 traceback="".join(traceback.format_exception(error)[-12:]),
             )
             if self.route.dead_letter_topic:
-                pending.append(self._dead_letter(message, state.last_error))
+                if (info := self._dead_letter(message, state.last_error)) is not None:
+                    pending.append(info)
                 state.dead_lettered += 1
         else:
             state.handled += 1
@@ -644,19 +659,26 @@ class Worker:
             self.board.clear(state.cell)
             state.fingerprint = None
 
-    def _dead_letter(self, message: Message, error: str) -> mqtt.MQTTMessageInfo:
+    def _dead_letter(self, message: Message, error: str) -> mqtt.MQTTMessageInfo | None:
         topic = self.route.dead_letter_topic
         assert topic is not None
         if self.spec.broker.protocol == 5:
-            props = {
-                "user_properties": [
-                    ("original_topic", message.topic),
-                    ("route", self.route.name),
-                    ("error", error),
-                    ("attempt", str(message.attempt)),
-                ]
-            }
-            return self._publish(topic, message.payload, 1, False, props)
+            users = [
+                ("original_topic", message.topic),
+                ("route", self.route.name),
+                ("error", error),
+                ("attempt", str(message.attempt)),
+            ]
+            try:
+                return self._publish(topic, message.payload, 1, False, {"user_properties": users})
+            except PublishTooLarge as e:
+                omitted = f"{len(message.payload)} bytes: {e}"
+                users.append(("payload_omitted", omitted))
+            try:
+                return self._publish(topic, b"", 1, False, {"user_properties": users})
+            except PublishTooLarge as e:
+                self.log.error("dead_letter_dropped", topic=message.topic, reason=str(e))
+                return None
         import base64
         import json
 
@@ -830,6 +852,10 @@ class Worker:
             client.disconnect()
         except OSError as e:
             self.log.warning("session_not_ended", reason=str(e))
+
+
+class PublishTooLarge(ValueError):
+    """A publish the broker would refuse (over its Maximum Packet Size)."""
 
 
 def run(

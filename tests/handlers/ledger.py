@@ -110,3 +110,12 @@ async def record_async_overlap(message: Message) -> None:
         os.write(_ledger_fd(), line.encode())
     finally:
         _running -= 1
+
+
+def sleep_then_raise(message: Message) -> None:
+    """``<id>:sleep=S`` sleeps, then raises (a failure that may end while the broker is away);
+    any other payload is recorded."""
+    if ":sleep=" in message.payload.decode("utf-8", "replace"):
+        ident = _act(message)
+        raise ValueError(f"message {ident} failed after sleeping")
+    record(message)

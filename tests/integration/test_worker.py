@@ -133,9 +133,10 @@ def test_sigkill_mid_handler_redelivers_to_the_next_worker(
     pub.publish_many(30)
     pub.wait_acked()
     assert first.wait_heartbeat(lambda hb: hb["busy_for"] > 0.3, timeout=10)
-    first.kill()  # SIGKILL while message 5 sleeps; 6.. are queued in the worker or the broker
+    first.kill()  # SIGKILL mid-sleep; the rest wait unacked in the worker or in the broker
     before = ledger.handled_ids(led)
-    assert "5" not in before
+    interrupted = {str(i) for i in slow} - before
+    assert interrupted, "the worker was killed in the middle of a slow message"
     pub.publish_many(20)  # while no process holds the session
     pub.wait_acked()
 
@@ -143,9 +144,9 @@ def test_sigkill_mid_handler_redelivers_to_the_next_worker(
     second.wait_event("ready")
     missing = wait_handled(led, pub.acked, timeout=20)
     assert not missing, f"lost {len(missing)} of {len(pub.acked)}: {sorted(missing, key=int)}"
-    redone = [e for e in ledger.read(led) if e.ident == "5"]
-    assert [e.pid for e in redone] == [second.pid]
-    assert redone[0].dup, "an unacked in-flight message comes back with DUP set"
+    redone = [e for e in ledger.read(led) if e.ident in interrupted]
+    assert [e.pid for e in redone] == [second.pid] * len(interrupted)
+    assert all(e.dup for e in redone), "an unacked in-flight message comes back with DUP set"
 
 
 def test_sigterm_keeps_the_session_for_the_replacement(
@@ -185,11 +186,12 @@ def test_retire_on_a_shared_slot_hands_over_without_loss(
     for w in (leaving, staying):
         w.wait_event("ready")
     pub = publisher(publishers, broker, topic_for=lambda i: f"r/{i % 5}")
+    began = time.monotonic()
     pub.start(rate=1000)
     time.sleep(1.0)
     assert stop_worker(leaving, signal.SIGUSR2) == ExitCode.OK
     retired_at = pub.next_id
-    time.sleep(max(0.0, 3.0 - 1.0 - 0.5))
+    time.sleep(max(0.5, 3.0 - (time.monotonic() - began)))
     pub.stop()
     pub.wait_acked()
 
@@ -237,6 +239,47 @@ def test_broker_restart_pool_reconnects_and_resubscribes(
     assert {e.pid for e in ledger.read(led) if int(e.ident) >= recovered_at} == {
         w.pid for w in pool
     }, "both slots subscribed again"
+
+
+def test_dead_letter_while_the_broker_is_down_does_not_stop_the_worker(
+    broker: Broker, tmp_path: Path, workers: list[WorkerProc], publishers: list[Publisher]
+) -> None:
+    route = manifests.route(
+        "p", "p/{n}", handler="tests.handlers.ledger:sleep_then_raise", dead_letter_topic="dlq/p"
+    )
+    m = manifests.write(tmp_path / "m.yaml", broker.port, [route])
+    led = tmp_path / "ledger"
+    w = start(workers, m, "p", 0, led)
+    w.wait_event("ready")
+    first = publisher(
+        publishers, broker, topic_for=lambda i: "p/x", payload_for=lambda i: f"{i}:sleep=1.5"
+    )
+    first.publish_many(1)
+    first.wait_acked()
+    w.wait_heartbeat(lambda hb: hb["busy_for"] > 0, timeout=5)
+    broker.stop()  # the handler fails, and its dead letter is published, while nobody listens
+    w.wait_heartbeat(lambda hb: hb["failed"] == 1 and not hb["connected"], timeout=5)
+    broker.start()
+    dlq = Subscriber(*broker.address, "dlq/p")
+    try:
+        w.wait_heartbeat(lambda hb: hb["connected"], timeout=10)
+        pub = publisher(publishers, broker, topic_for=lambda i: "p/x", start_id=1)
+        pub.publish_many(5)
+        pub.wait_acked()
+        missing = wait_handled(led, pub.acked, timeout=10)
+        assert not missing, f"the worker stopped handling: {sorted(missing)}"
+        hb = w.wait_heartbeat(lambda hb: hb["failed"] == 2, timeout=5)
+        letters = dlq.collect(2, timeout=3)
+    finally:
+        dlq.close()
+    # Unconfirmed, so not acked: the broker redelivers it and it fails (and is dead-lettered)
+    # again. paho also sends the first letter once reconnected, unless nobody listened yet.
+    assert {m.payload for m in letters} == {b"0:sleep=1.5"}
+    attempts = [dict(m.properties.UserProperty)["attempt"] for m in letters]
+    assert "2" in attempts, attempts
+    hb = w.wait_heartbeat(lambda hb: hb["handled"] == 5, timeout=3)
+    assert hb["redelivered"] == 1 and hb["failed"] == 2
+    assert stop_worker(w) == ExitCode.OK
 
 
 # ----------------------------------------------------------------------- handlers misbehaving
@@ -318,7 +361,10 @@ def test_long_handler_runs_once_despite_short_keepalive(
     entries = ledger.read(led)
     assert [(e.ident, e.dup) for e in entries] == [("0", False)]
     assert (hb["received"], hb["redelivered"]) == (1, 0)
-    assert all(h["connected"] for h in w.heartbeats()), "the broker never timed the worker out"
+    after_ready = w.events[next(i for i, e in enumerate(w.events) if e["t"] == "ready") :]
+    beats = [e for e in after_ready if e["t"] == "hb"]
+    assert len(beats) >= 18
+    assert all(h["connected"] for h in beats), "the broker never timed the worker out"
     assert "exceeded timeout" not in broker.log_tail(200)
 
 
@@ -374,8 +420,7 @@ def test_hostile_payloads_never_crash_the_worker(
                 assert props["original_topic"] == f"h/{name}"
                 assert props["error"].startswith(error)
             else:
-                hb = w.wait_heartbeat(lambda hb, b=before: hb["handled"] > b["handled"], 10)
-                assert name in ledger.handled_ids(led)
+                assert not wait_handled(led, {name}, timeout=10)
     finally:
         pub.disconnect()
         pub.loop_stop()
