@@ -11,12 +11,14 @@ import json as _json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from routemqd.topics import TopicPattern
+
 
 class PayloadError(ValueError):
     """The payload is not what ``json()`` / ``text()`` was asked to decode; says where and why."""
 
 
-PublishFn = Callable[[str, bytes | str, int, bool, Mapping[str, Any] | None], None]
+PublishFn = Callable[[str, bytes | str, int, bool, Mapping[str, Any] | None], Any]
 
 _PROPERTY_NAMES = {
     "PayloadFormatIndicator": "payload_format_indicator",
@@ -34,15 +36,15 @@ class Message:
 
     __slots__ = (
         "_params",
+        "_pattern",
         "_props",
         "_props_raw",
         "_publish",
-        "_route",
         "attempt",
         "dup",
         "mid",
-        "params",
         "payload",
+        "pending",
         "qos",
         "retain",
         "route",
@@ -63,6 +65,7 @@ class Message:
         route: str = "",
         attempt: int = 1,
         publish: PublishFn | None = None,
+        pattern: TopicPattern | None = None,
     ) -> None:
         self.topic = topic
         self.payload = payload
@@ -70,12 +73,23 @@ class Message:
         self.retain = retain
         self.dup = dup
         self.mid = mid
-        self.params: Mapping[str, str] = params or {}
+        # params are taken from the topic only when a handler asks: most cost nothing then
+        self._params: Mapping[str, str] | None = params
+        self._pattern = pattern
+        self.pending: list[Any] = []  # what publish() sent; acked before this message is
         self.route = route
         self.attempt = attempt
         self._props_raw = properties
         self._props: dict[str, Any] | None = None
         self._publish = publish
+
+    @property
+    def params(self) -> Mapping[str, str]:
+        """Values of the route pattern's ``{name}`` levels, e.g. ``{"device_id": "dev1"}``."""
+        if self._params is None:
+            matched = self._pattern.match(self.topic) if self._pattern is not None else None
+            self._params = matched or {}
+        return self._params
 
     def text(self, encoding: str = "utf-8") -> str:
         try:
@@ -128,14 +142,22 @@ class Message:
             raise RuntimeError("this message was not delivered by a worker; it cannot publish")
         if not isinstance(payload, bytes | bytearray | str):
             payload = _json.dumps(payload, separators=(",", ":"))
-        self._publish(topic, payload, qos, retain, properties)
+        self.pending.append(self._publish(topic, payload, qos, retain, properties))
 
     def reply(self, payload: bytes | str | Any, qos: int = 1) -> bool:
-        """Answer an MQTT 5 request (response topic + correlation data); False if none asked."""
+        """Answer an MQTT 5 request (response topic + correlation data); False if none asked.
+
+        ValueError if the response topic starts with '$' (reserved for the broker)."""
         props = self.properties
         response_topic = props.get("response_topic")
         if not response_topic:
             return False
+        if response_topic.startswith("$"):
+            # The publisher chose it: '$' topics belong to the broker ($SYS, and mosquitto drops
+            # the connection of a client that publishes there), never to an application.
+            raise ValueError(
+                f"refusing to reply on {response_topic!r}: topics starting with '$' are reserved"
+            )
         out: dict[str, Any] = {}
         if "correlation_data" in props:
             out["correlation_data"] = props["correlation_data"]

@@ -50,6 +50,7 @@ from routemqd.plan import SlotSpec
 HEARTBEAT_INTERVAL = 1.0
 RETIRE_IDLE = 0.5  # quiet time after UNSUBACK before ending the session (BROKER-FACTS)
 QOS0_INBOX_LIMIT = 10_000  # QoS 0 has no flow control; past this we drop rather than grow
+QOS0_INBOX_BYTES = 64 * 1024 * 1024  # ... and past this many payload bytes waiting
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _AUTH_REASONS = {134, 135}  # Bad user name or password / Not authorized (3.1.1 rc 4/5 map here)
 _STOP = object()
@@ -131,6 +132,9 @@ class Worker:
         os.set_blocking(self._wake_w, False)
         self._sub_mid: int | None = None
         self.max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
+        self._qos0_lock = threading.Lock()
+        self.qos0_queued = 0  # QoS 0 messages waiting for a runner, and their payload bytes
+        self.qos0_bytes = 0
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -398,14 +402,26 @@ class Worker:
             if msg.qos == 0:
                 self.dropped += 1
             return
+        if msg.qos == 0 and not self._queue_qos0(len(msg.payload)):
+            self.dropped += 1
+            return
         if self.async_loop is not None:
             assert self.async_queue is not None
             self.async_loop.call_soon_threadsafe(self.async_queue.put_nowait, msg)
         else:
-            if msg.qos == 0 and self.inbox.qsize() >= QOS0_INBOX_LIMIT:
-                self.dropped += 1
-                return
             self.inbox.put(msg)
+
+    def _queue_qos0(self, size: int) -> bool:
+        """Bound what QoS 0 queues by count and by bytes: a flood of large messages faster than
+        the handler would otherwise grow the worker without limit. One message always fits."""
+        with self._qos0_lock:
+            if self.qos0_queued and (
+                self.qos0_queued >= QOS0_INBOX_LIMIT or self.qos0_bytes + size > QOS0_INBOX_BYTES
+            ):
+                return False
+            self.qos0_queued += 1
+            self.qos0_bytes += size
+            return True
 
     # ------------------------------------------------------------------------------- runners
 
@@ -509,6 +525,10 @@ class Worker:
     ) -> tuple[Message, list[mqtt.MQTTMessageInfo], float] | None:
         """Mark the message as in flight on the board; None if it is a known worker-killer
         (then it has been dead-lettered or dropped, and acknowledged)."""
+        if raw.qos == 0:
+            with self._qos0_lock:
+                self.qos0_queued -= 1
+                self.qos0_bytes -= len(raw.payload)
         message, pending = self._message(raw)
         state.fingerprint = None
         if self.board is not None and raw.qos > 0:
@@ -556,18 +576,11 @@ class Worker:
             self.client.ack(raw.mid, raw.qos)
 
     def _message(self, raw: mqtt.MQTTMessage) -> tuple[Message, list[mqtt.MQTTMessageInfo]]:
-        pending: list[mqtt.MQTTMessageInfo] = []
+        """The handler's view of a delivery; kept cheap, it runs once per message."""
         try:
             topic = raw.topic
         except UnicodeDecodeError:
             topic = raw._topic.decode("utf-8", "replace")
-        params = self.route.topic.match(topic) or {}
-
-        def publish(
-            t: str, payload: bytes | str, qos: int, retain: bool, props: Mapping[str, Any] | None
-        ) -> None:
-            pending.append(self._publish(t, payload, qos, retain, props))
-
         message = Message(
             topic=topic,
             payload=raw.payload,
@@ -575,13 +588,13 @@ class Worker:
             retain=bool(raw.retain),
             dup=bool(raw.dup),
             mid=raw.mid,
-            params=params,
             properties=raw.properties,
             route=self.route.name,
             attempt=2 if raw.dup else 1,
-            publish=publish,
+            publish=self._publish,
+            pattern=self.route.topic,
         )
-        return message, pending
+        return message, message.pending
 
     def _publish(
         self,
