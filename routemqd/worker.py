@@ -112,6 +112,8 @@ class Worker:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.unsubscribed = threading.Event()
+        self.retiring = False
+        self.connected_at = 0.0
         self.stopping = threading.Event()
         self.boot_failure: tuple[ExitCode, str] | None = None
         self.stop_mode: str | None = None
@@ -341,7 +343,11 @@ class Worker:
             session_present=bool(getattr(flags, "session_present", False)),
             client_id=self.spec.client_id,
         )
-        if self.stop_mode == protocol.STOP_RETIRE and self.unsubscribed.is_set():
+        self.connected_at = time.monotonic()
+        if self.retiring:
+            # Leaving: a restarted broker may have restored a plain subscription with the session,
+            # so say UNSUBSCRIBE again on every connect instead of SUBSCRIBE.
+            client.unsubscribe(self.route.subscription)
             return
         # Subscribe on every connect: Mosquitto 2.0.11 forgets $share subscriptions over a
         # restart even when it says session_present, and a repeated SUBSCRIBE never doubles a share.
@@ -375,6 +381,7 @@ class Worker:
         was = self.connected.is_set()
         self.connected.clear()
         self.subscribed.clear()
+        self.unsubscribed.clear()
         if self.stopping.is_set() or self.boot_failure is not None:
             return
         if was:
@@ -793,39 +800,45 @@ class Worker:
         if self.client is None:
             return int(ExitCode.OK)
         self.log.info("worker_stopping", mode=mode)
-        if mode == protocol.STOP_RETIRE:
-            self._retire(deadline)
+        end_session = mode == protocol.STOP_RETIRE and self._retire(deadline)
         self.accepting = False
         self._stop_runners(deadline)
         self.stopping.set()
-        self._stop_client(end_session=mode == protocol.STOP_RETIRE)
+        self._stop_client(end_session=end_session)
         self.log.info("worker_stopped", mode=mode, handled=sum(s.handled for s in self.states))
         return int(ExitCode.OK)
 
-    def _retire(self, deadline: float) -> None:
+    def _retire(self, deadline: float) -> bool:
         """Leave the group without stranding anything: UNSUBSCRIBE, wait for UNSUBACK, handle what
-        is still in flight, stay idle a moment; the caller then ends the session."""
+        is still in flight, stay idle a moment. True when that happened on a live connection, so
+        the caller may end the session; False (broker away until the deadline) keeps the session
+        for whoever resumes this client id, rather than dropping what it holds."""
         assert self.client is not None
-        while not self.connected.is_set() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not self.connected.is_set():
-            self.log.warning(
-                "retire_without_broker", reason="not connected; session left to expire"
-            )
-            return
-        self.unsubscribed.clear()
-        self.client.unsubscribe(self.route.subscription)
-        while not self.unsubscribed.is_set() and time.monotonic() < deadline:
-            self.unsubscribed.wait(0.05)
+        self.retiring = True
+        if self.connected.is_set():
+            self.unsubscribed.clear()
+            self.client.unsubscribe(self.route.subscription)
         while time.monotonic() < deadline:
-            idle = (
-                self.inbox.qsize() == 0
+            now = time.monotonic()
+            settled = (
+                self.connected.is_set()
+                and self.unsubscribed.is_set()
+                # after a reconnect the broker first resends what was in flight
+                and now - self.connected_at >= RETIRE_IDLE
+                and now - self.last_message_at >= RETIRE_IDLE
+                and self.inbox.qsize() == 0
                 and all(s.busy_since is None for s in self.states)
                 and (self.async_queue is None or self.async_queue.qsize() == 0)
             )
-            if idle and time.monotonic() - self.last_message_at >= RETIRE_IDLE:
-                return
+            if settled:
+                return True
             time.sleep(0.05)
+        self.log.warning(
+            "retire_incomplete",
+            reason="the broker was not reachable long enough to leave cleanly; "
+            "the session is kept for the next worker with this client id",
+        )
+        return False
 
     def _stop_runners(self, deadline: float) -> None:
         if self.async_loop is not None and self.async_queue is not None:
@@ -842,17 +855,15 @@ class Worker:
         if client is None:
             return
         v5 = self.spec.broker.protocol == 5
-        if self.connected.is_set():
-            if end_session and v5:
-                props = Properties(PacketTypes.DISCONNECT)
-                props.SessionExpiryInterval = 0
-                client.disconnect(properties=props)
-            else:
-                client.disconnect()
+        connected = self.connected.is_set()
+        if connected and end_session and v5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            client.disconnect(properties=props)
         else:
             client.disconnect()
         client.loop_stop()
-        if end_session and not v5:
+        if connected and end_session and not v5:
             self._end_session_311()
 
     def _end_session_311(self) -> None:
