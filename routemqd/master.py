@@ -21,7 +21,6 @@ import selectors
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -1025,16 +1024,24 @@ def _describe_status_code(code: int) -> str:
     return describe(code)
 
 
-def retire_host(manifest_path: str, host_id: str) -> int:
-    """End the sessions of a host that is gone for good: for each of its slots, a worker resumes
-    the session (handling what the broker queued for it), unsubscribes, drains, and ends it."""
+def _load_for_daemon(manifest_path: str) -> Manifest | None:
+    """Load the manifest (one message on stderr if it is invalid) and set up logging from it."""
     try:
         manifest = load(manifest_path)
     except ManifestError as e:
         sys.stderr.write(f"routemqd: {e}\n")
-        return int(ExitCode.CONFIG)
+        return None
     logsetup.configure(manifest.logging.level, manifest.logging.format, manifest.logging.file)
     logsetup.set_secrets(manifest.secrets())
+    return manifest
+
+
+def retire_host(manifest_path: str, host_id: str) -> int:
+    """End the sessions of a host that is gone for good: for each of its slots, a worker resumes
+    the session (handling what the broker queued for it), unsubscribes, drains, and ends it."""
+    manifest = _load_for_daemon(manifest_path)
+    if manifest is None:
+        return int(ExitCode.CONFIG)
     manifest = dataclasses.replace(manifest, host_id=host_id)
     master = Master(manifest, socket_path=os.devnull)
     master.install_signals()
@@ -1053,18 +1060,11 @@ def retire_host(manifest_path: str, host_id: str) -> int:
 
 
 def run_master(
-    manifest_path: str,
-    pidfile: str | None = None,
-    socket_path: str | None = None,
-    configure_logging: Callable[[Manifest], None] | None = None,
+    manifest_path: str, pidfile: str | None = None, socket_path: str | None = None
 ) -> int:
-    try:
-        manifest = load(manifest_path)
-    except ManifestError as e:
-        sys.stderr.write(f"routemqd: {e}\n")
+    manifest = _load_for_daemon(manifest_path)
+    if manifest is None:
         return int(ExitCode.CONFIG)
-    logsetup.configure(manifest.logging.level, manifest.logging.format, manifest.logging.file)
-    logsetup.set_secrets(manifest.secrets())
     master = Master(manifest, socket_path=socket_path)
     master.install_signals()
     _set_title(f"routemqd: master {manifest.path}")
