@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.support import manifests
 from tests.support.broker import Broker
@@ -101,7 +103,11 @@ class DeadLetters:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_a: ready.set()
         self.client.on_connect = lambda c, *_a: c.subscribe(topic, qos=1)
-        self.client.connect(*broker.address, 30, clean_start=False)
+        # a session that outlives a broker restart: dead letters published while this collector
+        # reconnects must wait for it, or the test would count them as lost
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect(*broker.address, 30, clean_start=False, properties=props)
         self.client.loop_start()
         assert ready.wait(10)
 
