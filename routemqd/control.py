@@ -66,10 +66,13 @@ class ControlServer:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         except OSError:
             return True  # not Linux: the socket's mode is the guard
-        _pid, uid, gid = struct.unpack("3i", creds)
+        pid, uid, gid = struct.unpack("3i", creds)
         if uid in (0, self.uid):
             return True
-        return bool(self.mode & 0o060) and gid == self.gid
+        if not self.mode & 0o060:
+            return False
+        # group members usually have the group as a supplementary one (usermod -aG)
+        return gid == self.gid or self.gid in _supplementary_groups(pid)
 
     def accept(self, sel: Any = None) -> None:
         try:
@@ -120,6 +123,18 @@ class ControlServer:
             m.begin_shutdown("control socket", "retire" if request.get("retire") else None)
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    """The supplementary groups of a peer process (Linux /proc); empty when unknown."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
 
 
 def _answers(path: str) -> bool:

@@ -262,9 +262,33 @@ def loads(
         raise ManifestError(path, None, "", "the document is nested too deeply") from None
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """Stops composing after MAX_NODES nodes. Counting only afterwards, while walking the tree,
+    lets 1 MiB of tiny nodes (``[1,1,1,...]``) keep PyYAML busy for half a minute first: a
+    master reloading such a file would stop supervising for that long."""
+
+    def __init__(self, stream: bytes | str) -> None:
+        super().__init__(stream)
+        self.composed = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.composed += 1
+        if self.composed > MAX_NODES:
+            line = self.peek_event().start_mark.line + 1
+            problem = f"more than {MAX_NODES} YAML nodes; a manifest is far smaller"
+            raise ManifestError("", line, "", problem)
+        return super().compose_node(parent, index)
+
+
 def _compose(data: bytes | str) -> yaml.Node | None:
+    loader: _BoundedLoader | None = None
     try:
-        nodes = list(yaml.compose_all(data, Loader=yaml.SafeLoader))
+        loader = _BoundedLoader(data)  # reads the first bytes: encoding errors start here
+        root = loader.get_node() if loader.check_node() else None
+        if loader.check_node():
+            line = loader.get_node().start_mark.line + 1
+            raise ManifestError("", line, "", "more than one YAML document; a manifest is one")
+        return root
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -275,10 +299,9 @@ def _compose(data: bytes | str) -> yaml.Node | None:
         raise ManifestError("", None, "", f"not readable as YAML text: {text}") from None
     except RecursionError:
         raise ManifestError("", None, "", "the document is nested too deeply") from None
-    if len(nodes) > 1:
-        line = nodes[1].start_mark.line + 1
-        raise ManifestError("", line, "", "more than one YAML document; a manifest is one")
-    return nodes[0] if nodes else None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 @dataclass
