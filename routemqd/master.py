@@ -40,6 +40,7 @@ from routemqd.slots import Proc, Slot, State, after_exit
 STUCK_KILL_GRACE = 5.0  # a stuck worker gets this long to let go before SIGKILL
 STARTUP_READY_TIMEOUT = 30.0  # tell systemd READY even if the broker is not there yet
 MAX_LOOP_SLEEP = 1.0
+PASS_EVERY = 0.5  # the slot passes run at least this often, and at once after any change
 
 _HANDLED_SIGNALS = (
     signal.SIGTERM,
@@ -88,6 +89,7 @@ class Master:
         self.exit_code = 0
         self.reload_requested = False
         self.draining = False  # retire-host mode: retire every slot once, then exit
+        self.dirty = True  # something besides a heartbeat happened: run the slot passes
         self.last_reload: dict[str, Any] = {"ok": True, "at": None, "error": None, "summary": None}
         self.socket_path = socket_path or manifest.control.socket
         self.control: Any = None
@@ -158,24 +160,39 @@ class Master:
         )
         for warning in self.manifest.warnings:
             self.log.warning("manifest_warning", reason=warning)
+        # Most wake-ups are heartbeats, one per worker per second: they only update that worker's
+        # numbers. The passes over every slot run when something else happened (a signal, an exit,
+        # a worker event, a timer, a control request) and at least every PASS_EVERY seconds, so
+        # the master's cost does not grow with slots x heartbeats.
+        next_pass = 0.0
+        wake_at = 0.0
         while True:
             now = time.monotonic()
-            self.reconcile(now)
-            if not self.by_pid and (self.shutting_down or (self.draining and not self.slots)):
-                break
-            timeout = self._next_timeout(time.monotonic())
-            for key, _ in self.sel.select(timeout):
+            if self.dirty or now >= next_pass:
+                self.dirty = False
+                next_pass = now + PASS_EVERY
+                self.reconcile(now)
+                if not self.by_pid and (self.shutting_down or (self.draining and not self.slots)):
+                    break
+                self._enforce_stop_deadlines(now)
+                if self.reload_requested and not self.shutting_down and not self._replacing():
+                    self.reload_requested = False
+                    self.reload()
+                self._notify(now)
+                wake_at = now + self._next_timeout(now)
+            timeout = max(0.0, min(wake_at, next_pass) - time.monotonic())
+            events = self.sel.select(timeout)
+            for key, _ in events:
                 self._dispatch(key)
-            self.reap()
+            if self.reap():
+                self.dirty = True
             now = time.monotonic()
+            if now >= wake_at:
+                self.dirty = True  # a backoff, stop deadline or watchdog timer is due
             if now >= self.next_health:
                 self.check_health(now)
                 self.next_health = now + self.manifest.supervisor.health_interval
-            self._enforce_stop_deadlines(now)
-            if self.reload_requested and not self.shutting_down and not self._replacing():
-                self.reload_requested = False
-                self.reload()
-            self._notify(now)
+                self.dirty = True
         self.notifier.stopping()
         self.log.info("master_stopped", pid=self.pid, exit_code=self.exit_code)
         return self.exit_code
@@ -197,6 +214,8 @@ class Master:
         return max(0.0, min(wake) - now)
 
     def _dispatch(self, key: selectors.SelectorKey) -> None:
+        if key.data != "worker":
+            self.dirty = True
         if key.data == "signals":
             try:
                 data = os.read(self._sig_r, 4096)
@@ -384,6 +403,8 @@ class Master:
         for event in proc.reader.read():
             kind = event.get("t")
             now = time.monotonic()
+            if kind != "hb":
+                self.dirty = True
             if kind == "hb":
                 proc.last_heartbeat = now
                 proc.stats = event
@@ -418,6 +439,7 @@ class Master:
                     stack=event.get("stack"),
                 )
         if proc.reader.eof:
+            self.dirty = True
             self._close_pipes(proc)
 
     def _close_pipes(self, proc: Proc) -> None:
@@ -439,18 +461,21 @@ class Master:
 
     # ----------------------------------------------------------------------------- reaping
 
-    def reap(self) -> None:
+    def reap(self) -> bool:
+        """Collect every exited child at once; True if there was any."""
+        reaped = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                return reaped
             except OSError as e:
                 if e.errno == errno.EINTR:
                     continue
-                return
+                return reaped
             if pid == 0:
-                return
+                return reaped
+            reaped = True
             entry = self.by_pid.pop(pid, None)
             if entry is None:
                 self.log.info("unknown_child_reaped", pid=pid, status=_describe_status(status))
@@ -900,7 +925,9 @@ class Master:
         return ready, startable, failed
 
     def status_summary(self) -> str:
-        ready, startable, failed = self.counts()
+        return self._summary_line(*self.counts())
+
+    def _summary_line(self, ready: int, startable: int, failed: int) -> str:
         line = f"{ready}/{startable} workers ready, {failed} failed"
         if not self.last_reload["ok"]:
             line += ", last reload failed"
@@ -953,12 +980,13 @@ class Master:
     def _notify(self, now: float) -> None:
         if self.shutting_down:
             return
-        ready, startable, _ = self.counts()
+        ready, startable, failed = self.counts()
+        summary = self._summary_line(ready, startable, failed)
         if not self.ready_notified and (
             ready >= startable or now - self.started > STARTUP_READY_TIMEOUT
         ):
             self.ready_notified = True
-            self.status_line = self.status_summary()
+            self.status_line = summary
             self.notifier.ready(self.status_line)
             self.log.info(
                 "master_ready",
@@ -969,12 +997,11 @@ class Master:
             (ready >= startable and not self._replacing()) or now >= self.reload_ready_due
         ):
             self.reload_ready_due = None
-            self.status_line = self.status_summary()
+            self.status_line = summary
             self.notifier.ready(self.status_line)
-        line = self.status_summary()
-        if line != self.status_line:
-            self.status_line = line
-            self.notifier.status(line)
+        if summary != self.status_line:
+            self.status_line = summary
+            self.notifier.status(summary)
         if self.watchdog_every and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + self.watchdog_every
