@@ -520,10 +520,16 @@ class Worker:
                     error = e
                 finally:
                     state.busy_since = None
-                # waiting for replies' PUBACKs blocks: keep it off the event loop
-                await loop.run_in_executor(
-                    None, self._complete, state, raw, message, pending, error, start
+                needs_wait = bool(pending) or (
+                    error is not None and bool(self.route.dead_letter_topic)
                 )
+                if needs_wait:
+                    # waiting for published messages' PUBACKs blocks: keep it off the loop
+                    await loop.run_in_executor(
+                        None, self._complete, state, raw, message, pending, error, start
+                    )
+                else:
+                    self._complete(state, raw, message, pending, error, start)
 
         async def run_all() -> None:
             await asyncio.gather(*(consume(s) for s in self.states))
