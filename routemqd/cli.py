@@ -27,6 +27,7 @@ commands:
   restart   rolling restart of every slot, or of the named routes, keeping sessions
   stop      graceful stop (same as SIGTERM); --retire ends the sessions too
   retire-host  end the sessions of a host that is gone for good
+  worker    run one slot's worker alone, to debug a handler
 
 exit codes: 0 ok, 78 invalid manifest or handler, 69 daemon not running.
 docs: README.md, or `routemqd check -c FILE` to see what a manifest means.
@@ -90,13 +91,25 @@ def _parser() -> argparse.ArgumentParser:
     manifest_arg(retire)
     retire.add_argument("host_id", metavar="HOST_ID")
 
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker = sub.add_parser(
+        "worker",
+        help="run one slot's worker alone, without a master (to debug a handler)",
+        description="Run the worker of one slot in the foreground, exactly as the master would "
+        "fork it, without a master: to debug a handler against the real broker. It takes over "
+        "that slot's session, so do not run it next to a daemon that runs the same slot.",
+    )
     manifest_arg(worker)
-    worker.add_argument("--route", required=True)
-    worker.add_argument("--slot", type=int, default=0)
-    worker.add_argument("--status-fd", type=int, default=1)
-    worker.add_argument("--command-fd", type=int)
-    worker.add_argument("--hold", action="store_true")
+    worker.add_argument("--route", required=True, help="route name")
+    worker.add_argument("--slot", type=int, default=0, help="slot index (default 0)")
+    worker.add_argument(
+        "--status-fd",
+        type=int,
+        default=1,
+        metavar="FD",
+        help="where status events go, one JSON line each (default: stdout)",
+    )
+    worker.add_argument("--command-fd", type=int, metavar="FD", help="read commands from FD")
+    worker.add_argument("--hold", action="store_true", help="wait for a connect command")
     return p
 
 
