@@ -224,6 +224,8 @@ class Worker:
         # decides how its workers stop, so they ignore these.
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        if self.parent_pid is None:  # `routemqd worker` alone in a terminal: Ctrl-C stops it
+            signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Only record the wish; the main loop acts on it (woken by the wakeup fd).
