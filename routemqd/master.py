@@ -70,7 +70,6 @@ class Master:
         self.log = structlog.get_logger("routemqd.master")
         self.pid = os.getpid()
         self.started = time.monotonic()
-        self.started_wall = time.time()
         self.slots: dict[tuple[str, int], Slot] = {}
         self.by_pid: dict[int, tuple[Slot, Proc]] = {}
         self.by_fd: dict[int, Proc] = {}
@@ -549,7 +548,6 @@ class Master:
         boot = code > 0 and _is_boot_failure(code)
         decision = after_exit(slot, now, healthy, boot, self.manifest.supervisor, self.rng)
         slot.last_reason = reason
-        slot.last_exit = _describe_status_code(code)
         slot.restarts += 1
         key = "stuck" if proc.stuck_reported else ("boot_failure" if boot else "crash")
         slot.restart_reasons[key] = slot.restart_reasons.get(key, 0) + 1

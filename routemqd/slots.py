@@ -76,7 +76,6 @@ class Slot:
     retiring: bool = False  # remove this slot for good once its worker has retired
     restarts: int = 0
     last_reason: str = ""
-    last_exit: str = ""
     consecutive_failures: int = 0
     failures: deque[float] = field(default_factory=deque)
     next_start_at: float = 0.0

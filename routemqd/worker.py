@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +138,6 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._sub_mid: int | None = None
         self.max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
         self._qos0_lock = threading.Lock()
         self.qos0_queued = 0  # QoS 0 messages waiting for a runner, and their payload bytes
@@ -359,8 +358,7 @@ class Worker:
             return
         # Subscribe on every connect: Mosquitto 2.0.11 forgets $share subscriptions over a
         # restart even when it says session_present, and a repeated SUBSCRIBE never doubles a share.
-        result, mid = client.subscribe(self.route.subscription, qos=self.route.subscribe_qos)
-        self._sub_mid = mid
+        result, _mid = client.subscribe(self.route.subscription, qos=self.route.subscribe_qos)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.log.warning("subscribe_not_sent", reason=str(result))
 
@@ -914,6 +912,3 @@ def run(
             "worker_crashed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()
         )
         return int(ExitCode.CRASH)
-
-
-HandlerFn = Callable[[Message], Any]
