@@ -50,7 +50,7 @@ lint: install
 check: install
 	$(BIN)/routemqd check -c $(MANIFEST)
 
-install-systemd: install
+install-systemd:
 	@scripts/install-systemd
 
 clean:
