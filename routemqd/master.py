@@ -112,11 +112,12 @@ class Master:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
 
     def start_services(self) -> None:
-        from routemqd.control import ControlServer
+        from routemqd.control import ControlServer, socket_mode
         from routemqd.metrics import MetricsServer
 
         try:
-            self.control = ControlServer(self.socket_path, self.manifest.control.mode, self)
+            mode = socket_mode(self.manifest.control, self.socket_path)
+            self.control = ControlServer(self.socket_path, mode, self)
             self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
             self.extra_fds.append(self.control.fileno())
         except OSError as e:
