@@ -319,6 +319,8 @@ def render_status(reply: dict[str, Any]) -> str:
     if lr.get("at"):
         when = datetime.datetime.fromtimestamp(lr["at"]).strftime("%Y-%m-%d %H:%M:%S")
         lines.append(f"last reload {when}: " + ("ok" if lr.get("ok") else f"FAILED: {lr['error']}"))
+        if lr.get("ok") and lr.get("restart_needed"):
+            lines.append("needs a restart to apply: " + ", ".join(lr["restart_needed"]))
     elif not lr.get("ok", True):
         lines.append(f"last reload FAILED: {lr.get('error')}")
     header = (

@@ -35,6 +35,7 @@ from routemqd.manifest import Manifest, ManifestError, load
 from routemqd.notify import NOTIFY_ENV_VARS, Notifier, watchdog_interval
 from routemqd.pidfile import PidFile, PidFileError
 from routemqd.plan import SlotSpec, diff, slots_for, summarize
+from routemqd.restart_needed import restart_needed
 from routemqd.slots import Proc, Slot, State, after_exit
 
 STUCK_KILL_GRACE = 5.0  # a stuck worker gets this long to let go before SIGKILL
@@ -67,6 +68,7 @@ class AlreadyRunning(Exception):
 class Master:
     def __init__(self, manifest: Manifest, socket_path: str | None = None) -> None:
         self.manifest = manifest
+        self.boot_manifest = manifest  # what the control socket, metrics and logging came from
         self.log = structlog.get_logger("routemqd.master")
         self.pid = os.getpid()
         self.started = time.monotonic()
@@ -833,6 +835,10 @@ class Master:
         self.log.info(
             "reload_applied", **summary, duration_ms=round((time.monotonic() - started) * 1000, 1)
         )
+        # settings only a restart applies: reported, never silently ignored
+        self.last_reload["restart_needed"] = pending = list(restart_needed(self.boot_manifest, new))
+        if pending:
+            self.log.warning("reload_needs_restart", settings=pending, action="restart to apply")
         for warning in new.warnings:
             self.log.warning("manifest_warning", reason=warning)
         # READY=1 ends the reload for systemd: _notify sends it once the new workers are up.

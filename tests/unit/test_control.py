@@ -532,3 +532,10 @@ def test_status_with_a_broken_manifest_is_quiet_when_the_default_socket_answers(
     err = capsys.readouterr().err
     assert str(broken) in err
     assert "not running" in err
+
+
+def test_render_status_names_settings_that_need_a_restart() -> None:
+    lr = {"ok": True, "at": 1.0, "error": None, "summary": {}, "restart_needed": ["control.mode"]}
+    text = render_status(sample_snapshot(last_reload=lr))
+    assert "needs a restart to apply: control.mode" in text
+    assert "needs a restart" not in render_status(sample_snapshot())

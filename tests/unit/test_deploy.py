@@ -30,7 +30,9 @@ PROMTOOL = shutil.which("promtool") or next(
     ),
     None,
 )
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not found (make system-deps)")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not found (make system-deps)"
+)
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
