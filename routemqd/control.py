@@ -7,7 +7,7 @@ socket created in a directory with looser permissions would otherwise be the onl
 
 The daemon's group may use the socket too when the manifest says ``control.mode: "0660"``, or when
 it says nothing and the socket's directory is closed to everyone else, as systemd's
-``/run/routemqd`` (0750 root:routemqd) is: then the directory already admits only the group, and
+``/run/routemqd`` (0750, group routemqd) is: then the directory already admits only the group, and
 ``routemqd status`` works for its members as the README shows.
 """
 
@@ -95,7 +95,7 @@ class ControlServer:
         if not self.mode & 0o060:
             return False
         # group members usually have the group as a supplementary one (usermod -aG)
-        return gid == self.gid or self.gid in _supplementary_groups(pid)
+        return gid == self.gid or self.gid in _peer_groups(conn, pid)
 
     def accept(self, sel: Any = None) -> None:
         try:
@@ -146,6 +146,25 @@ class ControlServer:
             m.begin_shutdown("control socket", "retire" if request.get("retire") else None)
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+MAX_PEER_GROUPS = 256  # getsockopt() takes at most 1024 bytes; more groups: /proc
+
+
+def _peer_groups(conn: socket.socket, pid: int) -> set[int]:
+    """The peer's supplementary groups, from the socket (SO_PEERGROUPS), else from /proc.
+
+    The kernel's answer comes first: under systemd's ProtectProc=invisible the daemon cannot see
+    other users' /proc/PID at all, so the /proc way would lock every group member out.
+    """
+    size = struct.calcsize("I")
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * MAX_PEER_GROUPS)
+    except OSError:
+        return _supplementary_groups(pid)
+    count = len(raw) // size
+    return set(struct.unpack(f"{count}I", raw[: count * size]))
 
 
 def _supplementary_groups(pid: int) -> set[int]:

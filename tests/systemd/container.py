@@ -62,11 +62,15 @@ class Container:
                 if child.name() == "systemd":
                     self.leader = child.pid
             time.sleep(0.1)
-        state = self.run(
-            "systemctl is-system-running --wait", check=False, timeout=timeout
-        ).stdout.strip()
-        if state not in ("running", "degraded"):
-            raise ContainerError(f"the container's systemd is {state!r}")
+        # the leader may not have set up its namespaces or D-Bus yet: ask until it answers
+        state = ""
+        while state not in ("running", "degraded"):
+            if time.monotonic() > deadline:
+                raise ContainerError(f"the container's systemd is {state!r}: {self._tail()}")
+            r = self.run("systemctl is-system-running --wait", check=False, timeout=timeout)
+            state = r.stdout.strip()
+            if state not in ("running", "degraded"):
+                time.sleep(0.5)
 
     def _tail(self) -> str:
         try:

@@ -250,7 +250,9 @@ def test_status_as_a_group_member(box: Container) -> None:
     r = box.run("routemqd status", user="alice")
     assert "workers 2/2 ready, 0 failed" in r.stdout, r.stdout
     assert r.stderr == ""
-    assert box.run("stat -c '%a %U:%G' /run/routemqd").stdout.split() == ["750", "root:routemqd"]
+    # systemd makes the RuntimeDirectory routemqd:routemqd 0750: closed to everyone else
+    assert box.run("stat -c '%a %G' /run/routemqd").stdout.split() == ["750", "routemqd"]
+    assert box.run("stat -c '%a' /run/routemqd/control.sock").stdout.strip() == "660"
     outsider = box.run("routemqd status", user="bob", check=False)
     assert outsider.returncode == 77, outsider.stdout + outsider.stderr
     assert "permission denied" in outsider.stderr

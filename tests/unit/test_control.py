@@ -304,10 +304,13 @@ def test_server_rejects_garbage(server: tuple[ControlServer, FakeMaster]) -> Non
 
 
 class FakeConn:
-    def __init__(self, uid: int, gid: int) -> None:
+    def __init__(self, uid: int, gid: int, groups: tuple[int, ...] = ()) -> None:
         self.creds = struct.pack("3i", 999, uid, gid)
+        self.groups = struct.pack(f"{len(groups)}I", *groups)
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        if (level, option) == (socket.SOL_SOCKET, control.SO_PEERGROUPS):
+            return self.groups
         assert (level, option) == (socket.SOL_SOCKET, socket.SO_PEERCRED)
         return self.creds
 
@@ -539,3 +542,17 @@ def test_render_status_names_settings_that_need_a_restart() -> None:
     text = render_status(sample_snapshot(last_reload=lr))
     assert "needs a restart to apply: control.mode" in text
     assert "needs a restart" not in render_status(sample_snapshot())
+
+
+def test_group_membership_comes_from_the_socket_not_proc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ProtectProc=invisible the daemon cannot read a peer's /proc: SO_PEERGROUPS decides."""
+    monkeypatch.setattr(control, "_supplementary_groups", lambda pid: pytest.fail("read /proc"))
+    srv = ControlServer(str(tmp_path / "c.sock"), 0o660, FakeMaster())
+    try:
+        srv.uid, srv.gid = 1000, 1000
+        assert srv.allowed(FakeConn(2000, 2000, groups=(5, 1000))) is True  # type: ignore[arg-type]
+        assert srv.allowed(FakeConn(2000, 2000, groups=(5,))) is False  # type: ignore[arg-type]
+    finally:
+        srv.close()
