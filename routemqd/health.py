@@ -18,7 +18,7 @@ from routemqd.slots import Proc
 
 class Action(StrEnum):
     NONE = "none"
-    KILL = "kill"  # stuck: stop now (SIGTERM, SIGKILL after a short grace)
+    KILL = "kill"  # stuck or frozen: it cannot drain, so SIGKILL at once
     RECYCLE = "recycle"  # unhealthy but working: replace gracefully, one slot at a time
 
 
@@ -26,7 +26,6 @@ class Action(StrEnum):
 class Verdict:
     action: Action
     reason: str = ""
-    grace: float | None = None  # for KILL: how long it may take to let go (None: the default)
 
 
 HEALTHY = Verdict(Action.NONE)
@@ -62,7 +61,7 @@ def assess(proc: Proc, now: float, min_lifetime: float) -> Verdict:
     silent = now - proc.last_heartbeat
     if silent > route.heartbeat_timeout:
         # a frozen process cannot drain anything: no point in waiting for it
-        return Verdict(Action.KILL, f"no heartbeat for {silent:.0f}s (frozen process?)", 0.0)
+        return Verdict(Action.KILL, f"no heartbeat for {silent:.0f}s (frozen process?)")
     deadline = route.handler_timeout or route.heartbeat_timeout
     busy = float(proc.stats.get("busy_for", 0.0) or 0.0)
     if busy > deadline:

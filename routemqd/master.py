@@ -37,7 +37,6 @@ from routemqd.pidfile import PidFile, PidFileError
 from routemqd.plan import SlotSpec, diff, slots_for, summarize
 from routemqd.slots import Proc, Slot, State, after_exit
 
-STUCK_KILL_GRACE = 5.0  # a stuck worker gets this long to let go before SIGKILL
 STARTUP_READY_TIMEOUT = 30.0  # tell systemd READY even if the broker is not there yet
 MAX_LOOP_SLEEP = 1.0
 PASS_EVERY = 0.5  # the slot passes run at least this often, and at once after any change
@@ -492,9 +491,10 @@ class Master:
         expected = proc.stop_mode is not None and not proc.stuck_reported
         what = _describe_status(status)
         self._bank_counters(slot, proc)
+        charged = False
         if proc.board is not None:
             if not expected:
-                self._count_attempts(proc)
+                charged = self._count_attempts(proc)
             proc.board.close()
             proc.board = None
         fields = dict(
@@ -515,7 +515,7 @@ class Master:
             if slot.proc is not None:
                 return
             # the old worker had already let go of the session: fall through to a restart
-            self._schedule_restart(slot, now, proc, code, lived, f"replacement failed: {error}")
+            self._schedule_restart(slot, now, proc, code, f"replacement failed: {error}", charged)
             return
         if proc is not slot.proc:
             return
@@ -535,10 +535,10 @@ class Master:
         if slot.incoming is not None:
             self._promote_when_ready(slot)
             return
-        self._schedule_restart(slot, now, proc, code, lived, reason)
+        self._schedule_restart(slot, now, proc, code, reason, charged)
 
     def _schedule_restart(
-        self, slot: Slot, now: float, proc: Proc, code: int, lived: float, reason: str
+        self, slot: Slot, now: float, proc: Proc, code: int, reason: str, charged: bool
     ) -> None:
         if self.shutting_down:
             return
@@ -546,7 +546,9 @@ class Master:
             self.manifest.supervisor.healthy_after
         )
         boot = code > 0 and _is_boot_failure(code)
-        decision = after_exit(slot, now, healthy, boot, self.manifest.supervisor, self.rng)
+        sup = self.manifest.supervisor
+        message_fault = charged and proc.spec.route.max_attempts <= sup.failure_limit
+        decision = after_exit(slot, now, healthy, boot, sup, self.rng, message_fault)
         slot.last_reason = reason
         slot.restarts += 1
         key = "stuck" if proc.stuck_reported else ("boot_failure" if boot else "crash")
@@ -571,12 +573,12 @@ class Master:
                 failures=slot.consecutive_failures,
             )
 
-    def _count_attempts(self, proc: Proc) -> None:
+    def _count_attempts(self, proc: Proc) -> bool:
         """The worker died with these messages in hand: one more failed attempt for each."""
         assert proc.board is not None
         inflight = proc.board.inflight()
         if not inflight:
-            return
+            return False
         ledger = self.attempts.setdefault(proc.spec.route.name, AttemptLedger())
         for digest, count in ledger.record_crash(inflight).items():
             self.log.warning(
@@ -588,6 +590,7 @@ class Master:
                 attempts=count,
                 max_attempts=proc.spec.route.max_attempts,
             )
+        return True
 
     def _bank_counters(self, slot: Slot, proc: Proc) -> None:
         """Keep totals monotonic across worker incarnations (Prometheus counters never go back)."""
@@ -660,8 +663,13 @@ class Master:
                         action="kill",
                         busy_topic=proc.stats.get("busy_topic") or None,
                     )
-                    grace = STUCK_KILL_GRACE if verdict.grace is None else verdict.grace
-                    self.stop(proc, protocol.STOP_KEEP, verdict.reason, grace)
+                    # stuck or frozen, it cannot drain: SIGKILL now, its message is redelivered
+                    proc.stop_mode, proc.stop_reason, proc.killed = (
+                        protocol.STOP_KEEP,
+                        verdict.reason,
+                        True,
+                    )
+                    self._signal(proc, signal.SIGKILL)
                 elif verdict.action == Action.RECYCLE and proc is slot.proc:
                     pool = slot.spec.route.name
                     if pool in recycling_pools:

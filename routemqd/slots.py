@@ -105,6 +105,7 @@ def after_exit(
     boot_failure: bool,
     cfg: SupervisorConfig,
     rng: random.Random | None = None,
+    message_fault: bool = False,
 ) -> Decision:
     """What to do after an unexpected exit: restart now, back off, or park the slot as failed.
 
@@ -114,6 +115,10 @@ def after_exit(
     ``failed`` so it never becomes a restart storm.
     """
     rng = rng or random.Random()
+    if message_fault and not boot_failure:
+        # The worker died holding a message that max_attempts will give up before the failure
+        # limit could park the slot: the death is the message's, the slot restarts at once.
+        return Decision(State.STARTING, 0.0, "message in flight")
     if lived_healthy:
         slot.consecutive_failures = 0
         slot.failures.clear()
