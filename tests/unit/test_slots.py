@@ -10,7 +10,8 @@ import yaml
 
 from routemqd.manifest import SupervisorConfig, loads
 from routemqd.plan import SlotSpec, slots_for
-from routemqd.slots import Slot, State, after_exit, backoff_delay
+from routemqd.restarts import after_exit, backoff_delay
+from routemqd.slots import Slot, State
 
 JITTER = 0.2
 
