@@ -10,35 +10,21 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 
+from tests.integration.test_poison import _collect
 from tests.support import ledger, manifests
 from tests.support.broker import Broker
-from tests.support.traffic import Publisher, client, wait_handled
+from tests.support.traffic import Publisher, wait_handled
 
 AFTER = 30  # ordinary messages published after the poison one
 MAX_ATTEMPTS = 5  # the default
 HEARTBEAT_TIMEOUT = 1.0  # what a hang costs per attempt; the smallest the manifest allows
-
-
-def _collect(broker: Broker, topic: str) -> tuple[mqtt.Client, list[mqtt.MQTTMessage]]:
-    got: list[mqtt.MQTTMessage] = []
-    ready = threading.Event()
-    c = client(*broker.address)
-    c.on_message = lambda _c, _u, m: got.append(m)
-    c.on_subscribe = lambda *_a: ready.set()
-    c.connect(*broker.address, 30)
-    c.loop_start()
-    c.subscribe(topic, qos=1)
-    assert ready.wait(10)
-    return c, got
 
 
 @pytest.mark.parametrize("kind", ["crash", "hang"])

@@ -265,10 +265,15 @@ def test_a_removed_route_retires_then_leaves_the_table() -> None:
     assert h.table.slots[("other", 0)].state is State.STARTING
 
 
-def test_a_parked_slot_gets_a_new_spec_at_once() -> None:
+def parked() -> Harness:
     h = Harness(manifest(failure_limit=1))
     h.exit(h.start_ready(), exited(1))
     assert h.slot().state is State.FAILED
+    return h
+
+
+def test_a_parked_slot_gets_a_new_spec_at_once() -> None:
+    h = parked()
     h.manifest = manifest([{"name": "r", "topic": "r/{n}", "handler": "m:g"}], failure_limit=1)
     h.table.apply(diff(h.table.current_specs(), slots_for(h.manifest)), h.now)
     h.reconcile()
@@ -277,8 +282,7 @@ def test_a_parked_slot_gets_a_new_spec_at_once() -> None:
 
 
 def test_restart_of_a_parked_slot_starts_it_now() -> None:
-    h = Harness(manifest(failure_limit=1))
-    h.exit(h.start_ready(), exited(1))
+    h = parked()
     h.table.restart({"r"})
     h.reconcile()
     assert h.slot().state is State.STARTING
