@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from routemqd.handlers import LoadedHandler
-from routemqd.worker.delivery import Acknowledger
+from routemqd.worker.delivery import Acknowledger, Delivery
 from routemqd.worker.stats import RunnerState
 
 QOS0_INBOX_LIMIT = 10_000  # QoS 0 has no flow control; past this we drop rather than grow
@@ -66,6 +66,25 @@ class Qos0Budget:
             self.bytes -= size
 
 
+def call(func: Callable[[Any], Any], message: Any) -> BaseException | None:
+    """Run a sync handler; what it raised (anything, even SystemExit) belongs to its message."""
+    try:
+        func(message)
+    except BaseException as e:
+        return e
+    return None
+
+
+def dequeued(
+    budget: Qos0Budget, acks: Acknowledger, state: RunnerState, raw: Any
+) -> Delivery | None:
+    """A queued message leaves the queue (its QoS 0 budget back) and begins: its Delivery, or
+    None when the acknowledger gave it up as a known worker-killer."""
+    if raw.qos == 0:
+        budget.give(len(raw.payload))
+    return acks.begin(state, raw)
+
+
 class InlineRunner:
     def __init__(self, func: Callable[[Any], Any], acks: Acknowledger) -> None:
         self.func = func
@@ -83,12 +102,8 @@ class InlineRunner:
         d = self.acks.begin(state, raw)
         if d is None:
             return True
-        error: BaseException | None = None
         with self.acks.link.unlocked():  # the keepalive guard may use the socket meanwhile
-            try:
-                self.func(d.message)
-            except BaseException as e:
-                error = e
+            error = call(self.func, d.message)
         self.acks.finish(d, error)
         return True
 
@@ -154,17 +169,9 @@ class PoolRunner:
                 raw = inbox.popleft()
             if raw is _STOP:
                 return
-            if raw.qos == 0:
-                self.budget.give(len(raw.payload))
-            d = acks.begin(state, raw)
-            if d is None:
-                continue
-            error: BaseException | None = None
-            try:
-                func(d.message)
-            except BaseException as e:
-                error = e
-            acks.finish(d, error)
+            d = dequeued(self.budget, acks, state, raw)
+            if d is not None:
+                acks.finish(d, call(func, d.message))
 
     def stop(self, timeout: float) -> None:
         """Finish what is queued, then end the threads (within ``timeout``)."""
@@ -213,9 +220,7 @@ class AsyncRunner:
             raw = await self.queue.get()
             if raw is _STOP:
                 return
-            if raw.qos == 0:
-                self.budget.give(len(raw.payload))
-            d = acks.begin(state, raw)
+            d = dequeued(self.budget, acks, state, raw)
             if d is None:
                 continue
             error: BaseException | None = None
