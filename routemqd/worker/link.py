@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import PUBACK, PUBCOMP, PUBREC, PUBREL
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -38,6 +39,9 @@ from routemqd.plan import SlotSpec
 READ_CHUNK = 65536  # one recv() serves every small read paho makes until it is used up
 AUTH_REASONS = {134, 135}  # Bad user name or password / Not authorized (3.1.1 rc 4/5 map here)
 GUARD_FRACTION = 0.5  # the guard pings once the socket went unserviced this share of keepalive
+ACK_BATCH = 8  # acknowledgements held back while more packets are in hand, at most
+ACK_HOLD = 0.002  # ... and for at most this long (seconds)
+_ACKS = frozenset(int(c) for c in (PUBACK, PUBREC, PUBREL, PUBCOMP))
 
 
 class PublishTooLarge(ValueError):
@@ -87,6 +91,29 @@ class BufferedClient(mqtt.Client):
         self._rpos = min(end, len(data))
         return data[pos:end]
 
+    def loop_write(self) -> MQTTErrorCode:
+        if len(self._out_packet) > 1:
+            self._coalesce_acks()
+        return super().loop_write()
+
+    def _coalesce_acks(self) -> None:
+        """Join each run of queued acknowledgements into one packet, so they leave in one
+        send(). paho's writer does nothing per acknowledgement once it is sent (it acts only on
+        QoS 0 PUBLISH and DISCONNECT), so one entry carrying several is the same to it."""
+        out = self._out_packet
+        merged: list[Any] = []
+        run: list[Any] = []
+        for packet in out:
+            if packet["pos"] == 0 and packet["command"] & 0xF0 in _ACKS:
+                run.append(packet)
+                continue
+            _join(run, merged)
+            merged.append(packet)
+        _join(run, merged)
+        if len(merged) < len(out):
+            out.clear()
+            out.extend(merged)
+
     def buffered(self) -> bool:
         sock = self._sock
         if sock is None:
@@ -95,6 +122,15 @@ class BufferedClient(mqtt.Client):
             return True
         pending = getattr(sock, "pending", None)
         return bool(pending is not None and pending() > 0)
+
+
+def _join(run: list[Any], into: list[Any]) -> None:
+    if len(run) > 1:
+        data = b"".join(bytes(p["packet"]) for p in run)
+        into.append({**run[0], "packet": data, "to_process": len(data)})
+    elif run:
+        into.append(run[0])
+    run.clear()
 
 
 class Link:
@@ -200,13 +236,21 @@ class Link:
         client = self.client
         with self.lock:
             if readable or client.buffered():
+                held_since = 0.0
                 while True:
                     if client.loop_read() or client._sock is None:
                         break
-                    if client.want_write():
-                        client.loop_write()  # the PUBACK of the handler that just returned
                     if not client.buffered():
                         break
+                    # More packets in hand: hold the acknowledgements of the handlers that just
+                    # returned a little, to send several in one write; never so many that the
+                    # broker's window of unacknowledged messages runs dry.
+                    if client.want_write():
+                        now = time.monotonic()
+                        held_since = held_since or now
+                        if len(client._out_packet) >= ACK_BATCH or now - held_since >= ACK_HOLD:
+                            client.loop_write()
+                            held_since = 0.0
             if client._sock is not None and client.want_write():
                 client.loop_write()
             if client._sock is not None:

@@ -186,3 +186,48 @@ def test_pool_hands_a_pass_over_as_one_batch(tmp_path: Path) -> None:
     assert sorted(seen) == [1, 2, 3]
     pool.stop(5)
     assert not any(t.is_alive() for t in pool.threads)
+
+
+class SendSock(FakeSock):
+    def __init__(self) -> None:
+        super().__init__([])
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+
+def test_queued_acknowledgements_leave_in_one_send() -> None:
+    client = BufferedClient(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    client.on_socket_register_write = lambda *_: None  # queue only, as the link does
+    sock = SendSock()
+    client._sock = sock  # type: ignore[assignment]
+    client._send_puback(1)
+    client._send_puback(2)
+    client._packet_queue(mqtt.PUBLISH | 2, b"\x32\x04\x00\x01tx", 7, 1)
+    client._send_puback(3)
+    client._send_puback(4)
+    pubacks = [bytes([0x40, 2, 0, mid]) for mid in (1, 2, 3, 4)]
+
+    client.loop_write()
+
+    # order kept, a publish is never merged, each run of acknowledgements is one write
+    assert sock.sent == [pubacks[0] + pubacks[1], b"\x32\x04\x00\x01tx", pubacks[2] + pubacks[3]]
+    assert not client.want_write()
+
+
+def test_a_partly_written_packet_is_resumed_alone() -> None:
+    client = BufferedClient(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    client.on_socket_register_write = lambda *_: None
+    sock = SendSock()
+    client._sock = sock  # type: ignore[assignment]
+    client._send_puback(1)
+    client._send_puback(2)
+    client._send_puback(3)
+    first = client._out_packet[0]
+    first["pos"], first["to_process"] = 1, 3  # a write stopped after its first byte
+
+    client.loop_write()
+
+    assert sock.sent == [b"\x02\x00\x01", bytes([0x40, 2, 0, 2, 0x40, 2, 0, 3])]
