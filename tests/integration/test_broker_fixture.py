@@ -244,12 +244,22 @@ def test_kill9_after_autosave_keeps_session(
     interval = float(broker.setting("autosave_interval") or 0)
     assert 0 < interval <= 5, "a long autosave interval loses messages on a crash"
     park_persistent_subscriber(broker, clients, "worker-1", "jobs/a", protocol)
-    saves_before = save_count(broker)
     publish(broker, clients, "jobs/a", [b"survives a crash"])
-
     # The message is in the broker's memory once PUBACK arrives; any save
-    # logged from now on has it.  Waiting for that beats a blind sleep.
-    assert wait_until(lambda: save_count(broker) > saves_before, 3 * interval + 2), (
+    # started from now on has it.  Counting saves only from here: a save during
+    # the publish's connect would otherwise count without holding the message.
+    saves_before = save_count(broker)
+    acked_ns = time.time_ns()
+
+    # The log line comes before the write: wait for the database file written
+    # after PUBACK too, so the kill never lands in the middle of that save.
+    def saved() -> bool:
+        db = broker.db_path
+        return (
+            save_count(broker) > saves_before and db.exists() and db.stat().st_mtime_ns > acked_ns
+        )
+
+    assert wait_until(saved, 3 * interval + 2), (
         f"no autosave within {3 * interval + 2} s\n{broker.log_tail()}"
     )
     old_pid = broker.pid
