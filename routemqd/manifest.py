@@ -114,6 +114,7 @@ class SupervisorConfig:
     failure_window: float = 60.0
     failed_cooldown: float = 60.0
     recycle_min_lifetime: float = 30.0
+    ready_timeout: float = 30.0  # READY=1 to systemd after this even if workers are not up
     stop_mode: str = "keep"  # keep: sessions wait for this host to return; retire: end them
 
 
@@ -764,6 +765,7 @@ def _supervisor(ctx: _Ctx, top: _Map) -> SupervisorConfig:
         recycle_min_lifetime=_field(
             m, "recycle_min_lifetime", d.recycle_min_lifetime, _duration(0)
         ),
+        ready_timeout=_field(m, "ready_timeout", d.ready_timeout, _duration(0)),
         stop_mode=_field(m, "stop_mode", d.stop_mode, _stop_mode),
     )
     m.finish()

@@ -264,6 +264,7 @@ class Worker:
                 "redelivered": c.redelivered if c is not None else 0,
                 "queued": c.runner.queued() if c is not None and c.runner is not None else 0,
                 "connected": c is not None and c.link is not None and c.link.connected,
+                "broker_problem": c.link.problem if c is not None and c.link is not None else "",
                 "busy_for": round(busy_for, 3),
                 "busy_topic": busy.busy_topic if busy is not None else "",
                 **stats.totals(self.states, now),
