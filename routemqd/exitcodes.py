@@ -20,6 +20,8 @@ class ExitCode(IntEnum):
     SUBSCRIBE_REFUSED = 6
     TLS_FAILED = 7
     PARENT_GONE = 8
+    SETUP_FAILED = 9  # the route's setup hook raised or passed setup_timeout
+    TEARDOWN_TIMEOUT = 10  # teardown passed teardown_timeout; the work was done, the hook hung
     CONFIG = 78  # EX_CONFIG from sysexits.h: the manifest is invalid
 
     @property
@@ -35,6 +37,7 @@ _BOOT_FAILURES = frozenset(
         ExitCode.BROKER_AUTH_REFUSED,
         ExitCode.SUBSCRIBE_REFUSED,
         ExitCode.TLS_FAILED,
+        ExitCode.SETUP_FAILED,
         ExitCode.CONFIG,
     }
 )
