@@ -263,5 +263,6 @@ class _Watchdog:
         try:
             if self.on_timeout is not None:
                 self.on_timeout(self.failure)
-        finally:
-            self.exit_fn(int(self.failure.code))
+        except Exception:  # the process ends either way; a broken pipe must not keep it alive
+            pass
+        self.exit_fn(int(self.failure.code))
