@@ -85,3 +85,27 @@ def daemon_factory() -> Iterator[Callable[..., Any]]:
     finally:
         for d in started:
             d.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One private PostgreSQL for the session (initdb costs seconds); tests take a database each
+    through ``postgres_dsn``. Never the machine's own server."""
+    from tests.support.postgres import Postgres
+
+    server = Postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database on the session's server; its DSN."""
+    import re
+    import uuid
+
+    base = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    return str(postgres_server.create_database(f"t_{base}_{uuid.uuid4().hex[:8]}"))
