@@ -153,24 +153,9 @@ def run_setup(
     then ``exit_fn(SETUP_FAILED)``: the process ends there. An async setup runs on ``loop``:
     with ``run_until_complete`` if the loop is not running yet, else handed to the thread
     running it. Call it from a thread that is not running ``loop``."""
-    if hook is None:
-        return None
-    failure = HookFailure(
-        ExitCode.SETUP_FAILED, f"setup {hook.ref} did not finish within {timeout:g}s"
+    return _bounded(
+        hook, ctx, timeout, ExitCode.SETUP_FAILED, ExitCode.SETUP_FAILED, loop, on_timeout, exit_fn
     )
-    with _Watchdog(timeout, failure, on_timeout, exit_fn) as dog:
-        try:
-            _call(hook, ctx, loop)
-        except BaseException as e:  # a hook may sys.exit() or raise anything
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            if dog.disarm():
-                return HookFailure(
-                    ExitCode.SETUP_FAILED,
-                    f"setup {hook.ref} raised {type(e).__name__}: {e}",
-                    traceback.format_exc(limit=-8),
-                )
-    return failure if dog.fired else None
 
 
 def run_teardown(
@@ -186,21 +171,34 @@ def run_teardown(
     done) when it raised. Past ``timeout``: ``on_timeout(failure)``, then
     ``exit_fn(TEARDOWN_TIMEOUT)``. Call it after the last message was acknowledged and the
     client disconnected, with the event loop of an async route still open."""
+    return _bounded(
+        hook, ctx, timeout, ExitCode.OK, ExitCode.TEARDOWN_TIMEOUT, loop, on_timeout, exit_fn
+    )
+
+
+def _bounded(
+    hook: LoadedHook | None,
+    ctx: WorkerContext,
+    timeout: float,
+    raised: ExitCode,
+    hung: ExitCode,
+    loop: asyncio.AbstractEventLoop | None,
+    on_timeout: Callable[[HookFailure], None] | None,
+    exit_fn: Callable[[int], Any],
+) -> HookFailure | None:
     if hook is None:
         return None
-    failure = HookFailure(
-        ExitCode.TEARDOWN_TIMEOUT, f"teardown {hook.ref} did not finish within {timeout:g}s"
-    )
+    failure = HookFailure(hung, f"{hook.role} {hook.ref} did not finish within {timeout:g}s")
     with _Watchdog(timeout, failure, on_timeout, exit_fn) as dog:
         try:
             _call(hook, ctx, loop)
-        except BaseException as e:
+        except BaseException as e:  # a hook may sys.exit() or raise anything
             if isinstance(e, KeyboardInterrupt):
                 raise
             if dog.disarm():
                 return HookFailure(
-                    ExitCode.OK,
-                    f"teardown {hook.ref} raised {type(e).__name__}: {e}",
+                    raised,
+                    f"{hook.role} {hook.ref} raised {type(e).__name__}: {e}",
                     traceback.format_exc(limit=-8),
                 )
     return failure if dog.fired else None

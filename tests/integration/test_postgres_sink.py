@@ -53,14 +53,23 @@ def reading(device: str, rid: Any, value: float = 1.0) -> Message:
     )
 
 
-def test_redelivered_readings_leave_one_row_each(
+@pytest.fixture
+def booted(
     worker_parts: tuple[Any, Any, RouteHooks, Any],
     postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    spec, ctx, hooks, chain = worker_parts
+) -> tuple[Any, Any, RouteHooks, Any]:
+    """The example's setup has run against a fresh database."""
+    spec, ctx, hooks, _chain = worker_parts
     monkeypatch.setenv("ROUTEMQ_SINK_DSN", postgres_dsn)
     assert run_setup(hooks.setup, ctx, spec.route.setup_timeout) is None
+    return worker_parts
+
+
+def test_redelivered_readings_leave_one_row_each(
+    booted: tuple[Any, Any, RouteHooks, Any], postgres_dsn: str
+) -> None:
+    spec, ctx, hooks, chain = booted
     conn = ctx.state.db
     for rid in ("r1", "r2", "r1", "r3", "r2", "r1"):  # redeliveries after lost acks
         chain(reading("dev7", rid, value=len(rid)))
@@ -74,13 +83,9 @@ def test_redelivered_readings_leave_one_row_each(
 
 
 def test_a_broken_connection_is_replaced_once(
-    worker_parts: tuple[Any, Any, RouteHooks, Any],
-    postgres_dsn: str,
-    monkeypatch: pytest.MonkeyPatch,
+    booted: tuple[Any, Any, RouteHooks, Any], postgres_dsn: str
 ) -> None:
-    spec, ctx, hooks, chain = worker_parts
-    monkeypatch.setenv("ROUTEMQ_SINK_DSN", postgres_dsn)
-    assert run_setup(hooks.setup, ctx, spec.route.setup_timeout) is None
+    spec, ctx, hooks, chain = booted
     first = ctx.state.db
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (first.info.backend_pid,))
