@@ -3,7 +3,8 @@
 A boot failure (the handler does not import, the broker refuses our credentials) will fail the
 same way on every restart, so the master parks the slot in ``failed`` at once instead of burning
 through its backoff schedule. Values stay clear of 1 (Python's generic error), 2 (argparse) and of
-128+N (killed by signal N as a shell reports it).
+128+N (killed by signal N as a shell reports it), and of 9 and 10, which handlers that
+``os._exit()`` on purpose (the test suite does) use for a plain crash.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ class ExitCode(IntEnum):
     SUBSCRIBE_REFUSED = 6
     TLS_FAILED = 7
     PARENT_GONE = 8
-    SETUP_FAILED = 9  # the route's setup hook raised or passed setup_timeout
-    TEARDOWN_TIMEOUT = 10  # teardown passed teardown_timeout; the work was done, the hook hung
+    SETUP_FAILED = 11  # the route's setup hook raised or passed setup_timeout
+    TEARDOWN_TIMEOUT = 12  # teardown passed teardown_timeout; the work was done, the hook hung
     CONFIG = 78  # EX_CONFIG from sysexits.h: the manifest is invalid
 
     @property
