@@ -2,9 +2,9 @@
 
 A boot failure (the handler does not import, the broker refuses our credentials) will fail the
 same way on every restart, so the master parks the slot in ``failed`` at once instead of burning
-through its backoff schedule. Values stay clear of 1 (Python's generic error), 2 (argparse) and of
-128+N (killed by signal N as a shell reports it), and of 9 and 10, which handlers that
-``os._exit()`` on purpose (the test suite does) use for a plain crash.
+through its backoff schedule. Values stay clear of 1 (Python's generic error), 2 (argparse), 9
+(the test suite's handlers ``os._exit(9)`` for a plain crash) and of 128+N (killed by signal N as
+a shell reports it).
 """
 
 from __future__ import annotations
