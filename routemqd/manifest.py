@@ -121,6 +121,9 @@ class SupervisorConfig:
 class ControlConfig:
     socket: str = DEFAULT_CONTROL_SOCKET
     mode: int = 0o600
+    # False when the manifest leaves control.mode out: the socket then opens to the daemon's
+    # group if its directory is closed to everyone else (see control.socket_mode).
+    mode_given: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -834,7 +837,9 @@ def _control(ctx: _Ctx, top: _Map) -> ControlConfig:
                 mode_node, "control.mode", "the control socket must not be world-accessible"
             )
     m.finish()
-    return ControlConfig(socket=_resolve_path(ctx, sock), mode=mode)
+    return ControlConfig(
+        socket=_resolve_path(ctx, sock), mode=mode, mode_given=mode_node is not None
+    )
 
 
 def _logging(ctx: _Ctx, top: _Map) -> LoggingConfig:
