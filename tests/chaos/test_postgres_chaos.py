@@ -34,21 +34,6 @@ EXAMPLE_DIR = REPO / "examples" / "postgres_sink"
 RATE = 500.0
 
 
-def _worker_runs_hooks() -> bool:
-    """True once the worker calls the hooks (routemqd.hooks.run_setup) somewhere in the package."""
-    package = REPO / "routemqd"
-    return any(
-        "run_setup(" in p.read_text(encoding="utf-8")
-        for p in package.rglob("*.py")
-        if p.name != "hooks.py"
-    )
-
-
-needs_hooks = pytest.mark.skipif(
-    not _worker_runs_hooks(), reason="needs worker hooks: the worker does not run setup yet"
-)
-
-
 @dataclass
 class PgReport:
     seconds: float
@@ -194,7 +179,6 @@ def _check(report: PgReport) -> None:
     assert not report.crash_mismatch, report.crash_mismatch
 
 
-@needs_hooks
 def test_postgres_exactly_once_short(
     broker: Broker, tmp_path: Path, daemon_factory: Callable[..., Any], postgres_dsn: str
 ) -> None:
@@ -204,7 +188,6 @@ def test_postgres_exactly_once_short(
     _check(report)
 
 
-@needs_hooks
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_postgres_exactly_once_soak(
