@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.broker import Broker
 from tests.support.processes import stop_tracked
+from tests.support.traffic import Publisher
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,6 +33,15 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield instance
     finally:
         instance.stop()
+
+
+@pytest.fixture
+def publishers() -> Iterator[list[Publisher]]:
+    """Publishers a test made (append them); each is closed at teardown."""
+    made: list[Publisher] = []
+    yield made
+    for p in made:
+        p.close()
 
 
 @pytest.fixture

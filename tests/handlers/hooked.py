@@ -18,19 +18,9 @@ from routemqd.context import WorkerContext
 from routemqd.message import Message
 from tests.handlers import ledger
 
-_fd: int | None = None
-_lock = threading.Lock()
-
 
 def note(what: str, detail: str = "-") -> None:
-    global _fd
-    if _fd is None:
-        with _lock:
-            if _fd is None:
-                _fd = os.open(
-                    os.environ["ROUTEMQD_TEST_HOOKS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                )
-    os.write(_fd, f"{what} {os.getpid()} {detail}\n".encode())
+    os.write(ledger.append_fd("ROUTEMQD_TEST_HOOKS"), f"{what} {os.getpid()} {detail}\n".encode())
 
 
 def _ident(message: Message) -> str:

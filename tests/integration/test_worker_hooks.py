@@ -9,7 +9,7 @@ handled" also says "setup ran before the first message".
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,14 +47,6 @@ def journal(path: Path) -> list[Line]:
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     return {"ledger": tmp_path / "ledger.txt", "hooks": tmp_path / "hooks.txt"}
-
-
-@pytest.fixture
-def publishers() -> Iterator[list[Publisher]]:
-    made: list[Publisher] = []
-    yield made
-    for p in made:
-        p.close()
 
 
 def start(daemon_factory: DaemonFactory, manifest: Path, files: dict[str, Path]) -> Daemon:
