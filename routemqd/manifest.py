@@ -141,6 +141,21 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class HookRef:
+    """A ``package.module:function`` named by a ``setup``, ``teardown`` or ``middleware`` key.
+
+    It compares by ``ref`` alone: moving a line in the manifest changes no worker, changing the
+    function replaces the pool. ``line`` and ``field`` let ``check`` point at the exact entry."""
+
+    ref: str
+    line: int = field(default=0, compare=False)
+    field: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return self.ref
+
+
+@dataclass(frozen=True)
 class RouteSettings:
     """What ``defaults:`` may set and each route may override."""
 
@@ -155,6 +170,11 @@ class RouteSettings:
     dead_letter_topic: str | None = None
     max_attempts: int = 5
     group: str | None = None
+    setup: HookRef | None = None
+    teardown: HookRef | None = None
+    middleware: tuple[HookRef, ...] = ()
+    setup_timeout: float = 30.0
+    teardown_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -175,7 +195,23 @@ class Route:
     handler_timeout: float | None
     dead_letter_topic: str | None
     max_attempts: int
+    setup: HookRef | None = None
+    teardown: HookRef | None = None
+    middleware: tuple[HookRef, ...] = ()  # outermost first
+    setup_timeout: float = 30.0
+    teardown_timeout: float = 10.0
     line: int = field(default=0, compare=False)
+
+    @property
+    def hooks(self) -> tuple[tuple[str, HookRef], ...]:
+        """Every hook with its role (``setup``, ``teardown``, ``middleware``), in manifest order."""
+        out: list[tuple[str, HookRef]] = []
+        if self.setup is not None:
+            out.append(("setup", self.setup))
+        if self.teardown is not None:
+            out.append(("teardown", self.teardown))
+        out.extend(("middleware", m) for m in self.middleware)
+        return tuple(out)
 
     @property
     def subscription(self) -> str:
@@ -854,7 +890,42 @@ _SETTING_CONVERTERS: dict[str, Callable[[_Ctx, yaml.Node, str], Any]] = {
     "dead_letter_topic": lambda ctx, n, f: _topic_name(ctx, n, f),
     "max_attempts": _int_between(1, 1000),
     "group": _group,
+    "setup": lambda ctx, n, f: _opt_hook(ctx, n, f),
+    "teardown": lambda ctx, n, f: _opt_hook(ctx, n, f),
+    "middleware": lambda ctx, n, f: _middleware(ctx, n, f),
+    "setup_timeout": _duration(0.1),
+    "teardown_timeout": _duration(0.1),
 }
+
+
+def _callable_ref(ctx: _Ctx, node: yaml.Node, fname: str) -> str:
+    ref = _as_str(ctx, node, fname)
+    if not _HANDLER_RE.match(ref):
+        raise ctx.error(node, fname, f"expected 'package.module:function', got {ref!r}")
+    return ref
+
+
+def _hook(ctx: _Ctx, node: yaml.Node, fname: str) -> HookRef:
+    return HookRef(_callable_ref(ctx, node, fname), node.start_mark.line + 1, fname)
+
+
+def _opt_hook(ctx: _Ctx, node: yaml.Node, fname: str) -> HookRef | None:
+    """``null`` on a route switches off a hook set under ``defaults:``."""
+    return None if _plain(ctx, node, fname) is None else _hook(ctx, node, fname)
+
+
+def _middleware(ctx: _Ctx, node: yaml.Node, fname: str) -> tuple[HookRef, ...]:
+    """A route's list replaces the one under ``defaults:`` (``[]`` switches it off)."""
+    if isinstance(node, yaml.ScalarNode) and _plain(ctx, node, fname) is None:
+        return ()
+    chain = tuple(_hook(ctx, item, f"{fname}[{i}]") for i, item in _seq(ctx, node, fname))
+    seen: dict[str, int] = {}
+    for item in chain:
+        if item.ref in seen:
+            problem = f"{item.ref} is already in the chain (line {seen[item.ref]})"
+            raise ManifestError(ctx.path, item.line, item.field, problem)
+        seen[item.ref] = item.line
+    return chain
 
 
 def _topic_name(ctx: _Ctx, node: yaml.Node, fname: str) -> str | None:
@@ -920,13 +991,7 @@ def _route(ctx: _Ctx, node: yaml.Node, fname: str, defaults: RouteSettings, grou
     handler_node = m.take("handler")
     if handler_node is None:
         raise ctx.error(node, f"{fname}.handler", "missing: every route needs a handler")
-    handler = _as_str(ctx, handler_node, f"{fname}.handler")
-    if not _HANDLER_RE.match(handler):
-        raise ctx.error(
-            handler_node,
-            f"{fname}.handler",
-            f"expected 'package.module:function', got {handler!r}",
-        )
+    handler = _callable_ref(ctx, handler_node, f"{fname}.handler")
     name_node = m.take("name")
     if name_node is not None:
         name = _as_str(ctx, name_node, f"{fname}.name")
