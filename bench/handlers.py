@@ -31,6 +31,22 @@ def noop(message: Message) -> None:
     """Nothing at all: what is measured is routemqd's own cost per message."""
 
 
+_stamp = [0, 0.0]  # messages handled by this worker, unix time of the last one
+
+
+def stamp(message: Message) -> None:
+    """What the baseline consumer's ``on_message`` does (count, time of the last message), so
+    the throughput cases time both systems the same way, to the message, not by heartbeats."""
+    _stamp[0] += 1
+    _stamp[1] = time.time()
+
+
+def write_stamp(ctx: object) -> None:
+    """Teardown hook: leave ``<count> <last>`` in ``stamp-<pid>.txt`` for the benchmark."""
+    if _stamp[0]:
+        os.write(_fd("stamp"), b"%d %.6f\n" % (_stamp[0], _stamp[1]))
+
+
 def latency(message: Message) -> None:
     now = time.time_ns()
     ident, sent = message.payload.split(b" ", 2)[:2]

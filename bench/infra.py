@@ -388,6 +388,7 @@ def route(
     qos: int = 1,
     shared: bool | None = None,
     concurrency: int = 1,
+    teardown: str | None = None,
 ) -> dict[str, Any]:
     shared = workers > 1 if shared is None else shared
     r: dict[str, Any] = {
@@ -398,6 +399,8 @@ def route(
         "workers": workers,
         "qos": qos,
     }
+    if teardown:
+        r["teardown"] = f"bench.handlers:{teardown}"
     if shared:
         r["concurrency"] = concurrency
     return r

@@ -6,13 +6,14 @@ case, repeats it, prints a table of medians next to the targets, and writes
 
 Cases (100-byte payloads from ``bench/publisher.py`` for every consumer):
 
-- throughput, no-op handler: QoS 0/1 x MQTT 5/3.1.1 x 1/2/4 workers, routemqd against the same
+- throughput, a handler that counts and stamps the time of each message (what the baseline's
+  ``on_message`` does): QoS 0/1 x MQTT 5/3.1.1 x 1/2/4 workers, routemqd against the same
   number of ``bench/consumer.py`` processes (paho, handler inline in ``on_message``). ``backlog``:
   QoS 1 messages queued in the slots' persistent sessions while the consumers were down, drained
   after they start (per worker: messages / its ready to its last message, summed). ``live``:
   consumers running, the publisher sends as fast as it can (msgs/s from the first publish to the
-  last message handled). routemqd reports ``handled`` once a second per worker; the time a worker
-  handled its last message is estimated from its last two heartbeats (see ``HandledTrace``).
+  last message handled). A routemqd worker leaves its count and last time in a file from its
+  ``teardown`` hook when it stops; heartbeats only tell when a run is over.
 - latency at 2,000 msg/s QoS 1, 2 workers: publish (``time.time_ns()`` in the payload) to handler
   start; the baseline records the same thing in ``on_message``.
 - handler cost: one shared worker, concurrency 1 and 8, a 1 ms CPU handler, a 10 ms
@@ -208,11 +209,33 @@ def drain_timeout(n: int) -> float:
     return 60.0 + n / 1000.0
 
 
+def read_stamps(rundir: Path) -> dict[int, tuple[int, float]]:
+    """pid -> (messages, unix time of the last one), from the files the ``stamp`` handler's
+    teardown left when the workers stopped. The baseline consumers count and stamp the same way
+    in ``on_message``, so both systems are timed to the message."""
+    out: dict[int, tuple[int, float]] = {}
+    for path in rundir.glob("stamp-*.txt"):
+        count, last = path.read_text().split()
+        out[int(path.stem.split("-", 1)[1])] = (int(count), float(last))
+    return out
+
+
+def stamped(rundir: Path, n: int, what: str) -> dict[int, tuple[int, float]]:
+    stamps = read_stamps(rundir)
+    total = sum(c for c, _ in stamps.values())
+    if total < n:
+        raise BenchError(f"{what}: the workers' stamps count {total} of {n} messages")
+    return stamps
+
+
+STAMP = {"teardown": "write_stamp"}  # the handler and hook every throughput case runs
+
+
 def rq_backlog(bench: Bench, protocol: int, workers: int, n: int) -> dict[str, Any]:
     tag, rundir = bench.rundir("tb")
     topic = f"bench/{tag}"
     manifest = write_manifest(
-        rundir / "m.yaml", bench.port, protocol, [route(tag, topic, "noop", workers)]
+        rundir / "m.yaml", bench.port, protocol, [route(tag, topic, "stamp", workers, **STAMP)]
     )
     first = bench.daemon(manifest, rundir)
     first.wait_ready()
@@ -224,12 +247,13 @@ def rq_backlog(bench: Bench, protocol: int, workers: int, n: int) -> dict[str, A
     cpu0, mcpu0 = cpu_seconds(pids), cpu_seconds([d.pid])
     trace = poll_handled(d, lambda tr: tr.total >= n, drain_timeout(n))
     cpu, mcpu = cpu_seconds(pids) - cpu0, cpu_seconds([d.pid]) - mcpu0
-    ready = d.ready_by_slot()
+    ready = d.ready_times()
     t_ready = min(ready.values())
-    t_end = trace.end_time(t_ready)
     bench.stop_daemon(d)
+    stamps = stamped(rundir, n, "backlog")
+    t_end = max(last for _, last in stamps.values())
     return {
-        "rate": trace.pool_rate(ready),
+        "rate": sum(c / (last - ready[pid]) for pid, (c, last) in stamps.items() if c),
         "rate_first_to_last": n / (t_end - t_ready),
         "e2e_s": t_end - d.spawned,
         "ready_s": t_ready - d.spawned,
@@ -280,7 +304,10 @@ def rq_live(bench: Bench, protocol: int, workers: int, qos: int, n: int) -> dict
     tag, rundir = bench.rundir("tl")
     topic = f"bench/{tag}"
     manifest = write_manifest(
-        rundir / "m.yaml", bench.port, protocol, [route(tag, topic, "noop", workers, qos=qos)]
+        rundir / "m.yaml",
+        bench.port,
+        protocol,
+        [route(tag, topic, "stamp", workers, qos=qos, **STAMP)],
     )
     d = bench.daemon(manifest, rundir)
     d.wait_ready()
@@ -301,15 +328,17 @@ def rq_live(bench: Bench, protocol: int, workers: int, qos: int, n: int) -> dict
     report = pub.finish(60)
     bench.release(pub)
     t0 = report["t_first"]
-    t_end = trace.end_time(t0)
     bench.stop_daemon(d)
+    stamps = stamped(rundir, trace.total, "live")
+    t_end = max(last for _, last in stamps.values())
+    total = sum(c for c, _ in stamps.values())
     return {
-        "rate": trace.total / (t_end - t0),
-        "handled": trace.total,
-        "lost": n - min(n, trace.total),
+        "rate": total / (t_end - t0),
+        "handled": total,
+        "lost": n - min(n, total),
         "pub_rate": report["rate"],
-        "cpu_us": cpu / max(1, trace.total) * 1e6,
-        "master_cpu_us": mcpu / max(1, trace.total) * 1e6,
+        "cpu_us": cpu / max(1, total) * 1e6,
+        "master_cpu_us": mcpu / max(1, total) * 1e6,
     }
 
 
@@ -1165,9 +1194,11 @@ Medians over the repeats; ratio = routemqd / baseline. MISS marks a missed targe
 - Baseline: `bench/consumer.py`, one process per worker, a paho-mqtt client with a persistent
   session (MQTT 5: session expiry 1 h and Receive Maximum 17, the same as a routemqd worker with
   the default prefetch 16 and concurrency 1), on the same `$share/...` filter (the plain filter
-  for 1 worker), no-op handler inline in `on_message` (auto-ack).
-- routemqd: `routemqd run` with `bench.handlers:noop` (`bench/handlers.py`, imported through
-  `python_path`), one route, default settings.
+  for 1 worker), a handler inline in `on_message` that counts and stamps each message (auto-ack).
+- routemqd: `routemqd run` with `bench.handlers:stamp` (`bench/handlers.py`, imported through
+  `python_path`; it counts and stamps each message like the baseline's `on_message`, and its
+  `teardown` hook `write_stamp` leaves the count and the last time in a file), one route,
+  default settings.
 - Backlog drain: subscribe, stop (routemqd: SIGTERM, sessions kept), publish N messages, start
   again; msg/s = the sum over the workers of what each handled divided by the time from its
   ready (SUBACK) to its last message, so processes that start a little later than the others
@@ -1175,11 +1206,9 @@ Medians over the repeats; ratio = routemqd / baseline. MISS marks a missed targe
   start to last message as `e2e_s`). Publisher running:
   consumers ready, the publisher sends N as fast as it can; msg/s from the first publish to the
   last message handled. N by worker count: {n}.
-- routemqd's `handled` counters come from `routemqd status` (polled every 50 ms), which moves
-  once a second per worker (heartbeats); the time a worker finished is estimated from its last
-  counter step below the final count and its average rate until then (checked against the
-  handler's own timestamps: within 1-3 % on 5-6 s drains). The baseline consumers
-  report the exact time of their last message.
+- Both systems are timed by their handlers: the time of the last message handled, taken in the
+  handler (routemqd: `stamp`, reported at the worker's graceful stop; baseline: `on_message`,
+  reported on stdout). `routemqd status` (polled every 50 ms) only tells when a run is over.
 - Latency: {plan.latency_rate} msg/s QoS 1 for {plan.latency_s:g} s, MQTT 5, {LATENCY_WORKERS}
   workers; `time.time_ns()` in the payload at send, again at handler start.
 - Recovery: {RECOVERY_WORKERS} workers, the slots killed in turn; each is killed only after it was

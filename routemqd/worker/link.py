@@ -8,7 +8,7 @@ everything buffered, write, keepalive bookkeeping), ``ack()``, ``publish()``, ``
 
 One thread at a time touches paho's state. Every public method here holds ``self.lock`` (an
 RLock). The thread that reads the socket holds it while it calls into paho; an inline handler is
-run with the lock released (``unlocked()``) and reacquires it when it returns. So the keepalive
+run with the lock released (``run_unlocked()``) and reacquires it when it returns. So the keepalive
 guard (``keep_alive_if_starved``, called from the worker's main thread) can take the lock exactly
 while a handler has the socket thread busy, and never while paho is parsing or writing. paho runs
 without its own network thread (no ``loop_start``), and the socket-write hooks are set, so paho
@@ -25,7 +25,7 @@ import contextlib
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -283,15 +283,21 @@ class Link:
     def is_open(self) -> bool:
         return self.client._sock is not None
 
-    @contextlib.contextmanager
-    def unlocked(self) -> Iterator[None]:
-        """Run an inline handler without the lock, so the keepalive guard may use the socket."""
-        self.lock.release()
+    def run_unlocked(self, func: Callable[[Any], Any], arg: Any) -> BaseException | None:
+        """Run an inline handler without the lock, so the keepalive guard may use the socket;
+        returns what it raised (anything, even SystemExit: it belongs to the message). Plain
+        release/acquire rather than a context manager: this runs once per message, and a
+        generator-based ``with`` costs more than the rest of routemqd's per-message work."""
+        lock = self.lock
+        lock.release()
         try:
-            yield
+            func(arg)
+        except BaseException as e:
+            return e
         finally:
-            self.lock.acquire()
+            lock.acquire()
             self.serviced_at = time.monotonic()
+        return None
 
     def keep_alive_if_starved(self, now: float) -> bool:
         """Called by the worker's main thread. While a handler keeps the socket thread away from

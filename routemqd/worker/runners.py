@@ -108,9 +108,8 @@ class InlineRunner:
         d = self.acks.begin(state, raw)
         if d is None:
             return True
-        with self.acks.link.unlocked():  # the keepalive guard may use the socket meanwhile
-            error = call(self.func, d.message)
-        self.acks.finish(d, error)
+        # the keepalive guard may use the socket meanwhile
+        self.acks.finish(d, self.acks.link.run_unlocked(self.func, d.message))
         return True
 
     def flush(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +50,12 @@ class FakeLink:
         self.published.append((topic, payload, props))
         return self.next_info
 
-    @contextmanager
-    def unlocked(self) -> Any:
-        yield
+    def run_unlocked(self, func: Any, arg: Any) -> BaseException | None:
+        try:
+            func(arg)
+        except BaseException as e:
+            return e
+        return None
 
 
 class Raw:

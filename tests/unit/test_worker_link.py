@@ -118,6 +118,30 @@ def test_guard_pings_only_when_the_socket_thread_is_away(tmp_path: Path) -> None
     broker_end.close()
 
 
+def test_the_guard_pings_while_an_inline_handler_runs_and_the_lock_comes_back(
+    tmp_path: Path,
+) -> None:
+    link, broker_end = _connected_link(tmp_path)
+    keepalive = link.spec.broker.keepalive
+    pinged: list[bool] = []
+
+    def handler(message: object) -> None:
+        # the socket thread is inside the handler, and has been for a keepalive: the lock is
+        # free for the guard
+        link.serviced_at = time.monotonic() - keepalive
+        pinged.append(link.keep_alive_if_starved(time.monotonic()))
+
+    with link.lock:  # the socket thread holds it while paho dispatches on_message
+        assert link.run_unlocked(handler, object()) is None
+        assert link.lock._is_owned()  # type: ignore[attr-defined]
+        assert time.monotonic() - link.serviced_at < 1  # the socket thread is back
+        error = link.run_unlocked(lambda m: 1 / 0, object())
+    assert pinged == [True]
+    assert broker_end.recv(16) == b"\xc0\x00"
+    assert isinstance(error, ZeroDivisionError)
+    broker_end.close()
+
+
 def test_publish_never_writes_from_the_callers_thread(tmp_path: Path) -> None:
     link, broker_end = _connected_link(tmp_path)
     woken: list[int] = []
