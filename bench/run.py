@@ -118,9 +118,8 @@ class Plan:
 
 
 QUICK_NOTE = (
-    "Quick run: the message counts are too small for routemqd's heartbeat-based throughput "
-    "estimate (a worker finishes within a heartbeat or two), so its throughput numbers are a "
-    "smoke test only.\n"
+    "Quick run: the message counts are so small that a run lasts a fraction of a second, so "
+    "its throughput numbers are a smoke test only.\n"
 )
 
 SECTIONS = ("throughput", "latency", "handlers", "recovery", "reload", "master")
