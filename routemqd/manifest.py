@@ -137,6 +137,33 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ScalingKnobs:
+    """How an autoscaled pool reacts (``scaling:`` under ``defaults:`` or a route).
+
+    Up is fast and down is slow on purpose: a pool that falls behind queues messages in the
+    broker (memory, latency), while a pool one worker too big for a minute costs almost nothing.
+    ``busy_low`` below ``busy_high`` is the hysteresis that keeps a step down from undoing itself.
+    """
+
+    up_after: float = 5.0  # saturation must last this long before one more worker
+    down_after: float = (
+        60.0  # low load this long (and this long since the last step) before one fewer
+    )
+    busy_high: float = 0.8  # a worker at or above this fraction of its time is saturated
+    busy_low: float = 0.5  # one fewer only if the pool's load over n-1 workers stays below this
+    host_cpu_max: float = 0.85  # no step up while the host's CPU over all cores is above this
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """A pool that follows the load between ``min`` and ``max`` workers: ``workers: {min, max}``."""
+
+    min: int
+    max: int
+    knobs: ScalingKnobs = ScalingKnobs()
+
+
+@dataclass(frozen=True)
 class RouteSettings:
     """What ``defaults:`` may set and each route may override."""
 
@@ -151,6 +178,7 @@ class RouteSettings:
     dead_letter_topic: str | None = None
     max_attempts: int = 5
     group: str | None = None
+    scaling: ScalingKnobs = ScalingKnobs()
 
 
 @dataclass(frozen=True)
@@ -172,6 +200,19 @@ class Route:
     dead_letter_topic: str | None
     max_attempts: int
     line: int = field(default=0, compare=False)
+    scaling: Scaling | None = None  # None: a fixed pool of ``workers``; else ``workers`` == min
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.scaling is not None
+
+    @property
+    def min_workers(self) -> int:
+        return self.scaling.min if self.scaling is not None else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.scaling.max if self.scaling is not None else self.workers
 
     @property
     def subscription(self) -> str:
@@ -866,8 +907,9 @@ def _route_settings(ctx: _Ctx, top: _Map) -> RouteSettings:
         return RouteSettings()
     m = _Map(ctx, node, "defaults")
     values = _read_settings(m, RouteSettings())
+    knobs = _scaling_knobs(m, RouteSettings().scaling)
     m.finish()
-    return RouteSettings(**values)
+    return RouteSettings(**values, scaling=knobs)
 
 
 def _read_settings(m: _Map, base: RouteSettings) -> dict[str, Any]:
@@ -876,7 +918,7 @@ def _read_settings(m: _Map, base: RouteSettings) -> dict[str, Any]:
     }
 
 
-_ROUTE_KEYS = {"name", "topic", "handler", "shared", "workers", "worker_count"}
+_ROUTE_KEYS = {"name", "topic", "handler", "shared", "workers", "worker_count", "scaling"}
 
 
 def _routes(ctx: _Ctx, node: yaml.Node, defaults: RouteSettings, group: str) -> tuple[Route, ...]:
@@ -945,7 +987,22 @@ def _route(ctx: _Ctx, node: yaml.Node, fname: str, defaults: RouteSettings, grou
     if m.has("worker_count"):
         workers_key = "worker_count"
     m.take("worker_count" if workers_key == "workers" else "workers")
-    workers = _field(m, workers_key, 1, _int_between(1, 1024))
+    workers_node = m.take(workers_key)
+    scaling: Scaling | None = None
+    workers = 1
+    if isinstance(workers_node, yaml.MappingNode):
+        if not shared:
+            raise ctx.error(
+                workers_node,
+                f"{fname}.{workers_key}",
+                "a range needs 'shared: true'; a non-shared route is one ordered worker and "
+                "cannot scale (a second plain subscriber would get every message again)",
+            )
+        lo, hi = _worker_range(ctx, workers_node, f"{fname}.{workers_key}")
+        scaling = Scaling(min=lo, max=hi)
+        workers = lo
+    elif workers_node is not None:
+        workers = _int_between(1, 1024)(ctx, workers_node, f"{fname}.{workers_key}")
     if workers > 1 and not shared:
         raise ctx.error(
             m.node_of(workers_key),
@@ -953,6 +1010,17 @@ def _route(ctx: _Ctx, node: yaml.Node, fname: str, defaults: RouteSettings, grou
             f"{workers} workers need 'shared: true'; a non-shared route is one ordered worker "
             "(several plain subscribers would each get every message)",
         )
+    knobs_node = m.node_of("scaling") if m.has("scaling") else None
+    knobs = _scaling_knobs(m, defaults.scaling)
+    if knobs_node is not None and scaling is None:
+        raise ctx.error(
+            knobs_node,
+            f"{fname}.scaling",
+            "applies only to an autoscaled pool; write workers: {min: N, max: M} "
+            "(with shared: true) or remove scaling:",
+        )
+    if scaling is not None:
+        scaling = Scaling(min=scaling.min, max=scaling.max, knobs=knobs)
     values = _read_settings(m, defaults)
     m.finish(_ROUTE_KEYS | set(_SETTING_CONVERTERS))
     if not shared and values["concurrency"] > 1:
@@ -973,5 +1041,61 @@ def _route(ctx: _Ctx, node: yaml.Node, fname: str, defaults: RouteSettings, grou
         workers=workers,
         group=route_group,
         line=line,
+        scaling=scaling,
         **values,
     )
+
+
+def _worker_range(ctx: _Ctx, node: yaml.Node, fname: str) -> tuple[int, int]:
+    """``{min: 1, max: 8}``: both bounds required, so a forgotten ``max`` is not a silent cap."""
+    r = _Map(ctx, node, fname)
+    r.finish({"min", "max"})  # a typo (``maxx``) first: it explains the "missing" that follows
+    bounds = {}
+    for key in ("min", "max"):
+        if not r.has(key):
+            raise ctx.error(node, f"{fname}.{key}", "missing: a range needs both min and max")
+        bounds[key] = _field(r, key, 1, _int_between(1, 1024))
+    if bounds["max"] < bounds["min"]:
+        raise ctx.error(r.node_of("max"), f"{fname}.max", f"must be at least min ({bounds['min']})")
+    return bounds["min"], bounds["max"]
+
+
+def _scaling_knobs(m: _Map, base: ScalingKnobs) -> ScalingKnobs:
+    """``scaling:`` in ``defaults:`` or a route; a route's keys override the defaults one by one."""
+    node = m.take("scaling")
+    if node is None:
+        return base
+    fname = m.sub("scaling")
+    k = _Map(m.ctx, node, fname)
+    knobs = ScalingKnobs(
+        up_after=_field(k, "up_after", base.up_after, _duration(0.1)),
+        down_after=_field(k, "down_after", base.down_after, _duration(1)),
+        busy_high=_field(k, "busy_high", base.busy_high, _fraction),
+        busy_low=_field(k, "busy_low", base.busy_low, _fraction),
+        host_cpu_max=_field(k, "host_cpu_max", base.host_cpu_max, _fraction),
+    )
+    k.finish()
+    if knobs.busy_low >= knobs.busy_high:
+        key = "busy_low" if k.has("busy_low") else "busy_high"
+        raise m.ctx.error(
+            k.node_of(key),
+            f"{fname}.{key}",
+            f"busy_low ({knobs.busy_low:.0%}) must be below busy_high ({knobs.busy_high:.0%}): "
+            "the gap is what stops a step down from being undone by a step up",
+        )
+    return knobs
+
+
+def _fraction(ctx: _Ctx, node: yaml.Node, fname: str) -> float:
+    """A percentage, ``80`` or ``80%``, as a fraction. ``0.8`` is refused rather than guessed."""
+    v = _plain(ctx, node, fname)
+    if isinstance(v, str) and v.strip().endswith("%"):
+        try:
+            v = float(v.strip()[:-1])
+        except ValueError:
+            raise ctx.error(node, fname, f"expected a percentage such as 80%, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v <= 100:
+        raise ctx.error(
+            node, fname, f"expected a percentage between 1 and 100 such as 80%, got {_show(v)}"
+        )
+    return float(v) / 100.0
