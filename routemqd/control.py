@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from routemqd.manifest import DEFAULT_CONTROL_SOCKET, ManifestError, load
+from routemqd.poolview import render_pools
 from routemqd.units import format_size
 
 MAX_REQUEST = 64 * 1024
@@ -284,6 +285,10 @@ def render_status(reply: dict[str, Any]) -> str:
         lines.append(f"last reload {when}: " + ("ok" if lr.get("ok") else f"FAILED: {lr['error']}"))
     elif not lr.get("ok", True):
         lines.append(f"last reload FAILED: {lr.get('error')}")
+    pools = render_pools(reply.get("pools") or ())
+    if pools:
+        lines.append("")
+        lines.extend(pools)
     header = (
         "ROUTE",
         "SLOT",
