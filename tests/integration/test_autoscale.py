@@ -27,25 +27,23 @@ FAST = {"up_after": "1s", "down_after": "3s"}
 
 
 @pytest.fixture
-def runs() -> Iterator[list[autoscale.Run]]:
-    started: list[autoscale.Run] = []
+def scaled(
+    tmp_path: Path, broker: Broker, daemon_factory: Callable[..., Daemon]
+) -> Iterator[tuple[Path, autoscale.Run]]:
+    """A daemon with a {min: 1, max: 4} pool and fast knobs; skips until the scaler is wired."""
+    m = autoscale.write_manifest(tmp_path, broker, scaling=FAST)
+    run = autoscale.start(tmp_path, broker, daemon_factory, m)
     try:
-        yield started
+        autoscale.require_scaler(run.daemon)
+        yield m, run
     finally:
-        for r in started:
-            r.close()
+        run.close()
 
 
 def test_a_load_step_grows_the_pool_then_silence_shrinks_it_losing_nothing(
-    tmp_path: Path,
-    broker: Broker,
-    daemon_factory: Callable[..., Daemon],
-    runs: list[autoscale.Run],
+    scaled: tuple[Path, autoscale.Run],
 ) -> None:
-    m = autoscale.write_manifest(tmp_path, broker, scaling=FAST)
-    run = autoscale.start(tmp_path, broker, daemon_factory, m)
-    runs.append(run)
-    autoscale.require_scaler(run.daemon)
+    m, run = scaled
     assert run.size() == (1, 1)
     run.start_polling()
 
@@ -77,15 +75,9 @@ def test_a_load_step_grows_the_pool_then_silence_shrinks_it_losing_nothing(
 
 
 def test_a_reload_lowering_max_under_load_retires_down_to_it_losing_nothing(
-    tmp_path: Path,
-    broker: Broker,
-    daemon_factory: Callable[..., Daemon],
-    runs: list[autoscale.Run],
+    tmp_path: Path, broker: Broker, scaled: tuple[Path, autoscale.Run]
 ) -> None:
-    m = autoscale.write_manifest(tmp_path, broker, scaling=FAST)
-    run = autoscale.start(tmp_path, broker, daemon_factory, m)
-    runs.append(run)
-    autoscale.require_scaler(run.daemon)
+    m, run = scaled
     run.start_polling()
     run.load(rate=1200)
     run.daemon.wait_for(

@@ -133,6 +133,15 @@ def test_resize_leaves_other_pools_alone() -> None:
 # ------------------------------------------------------------------------------- reload
 
 
+def fates(
+    keep: range = range(0), start: range = range(0), retire: range = range(0)
+) -> dict[tuple[str, int], str]:
+    out = {("sensors", i): "keep" for i in keep}
+    out.update({("sensors", i): "start" for i in start})
+    out.update({("sensors", i): "retire" for i in retire})
+    return out
+
+
 def reload(old: Manifest, new: Manifest, running: int) -> dict[tuple[str, int], str]:
     current = slots_for(old, {"sensors": running})
     return actions(diff(current, slots_for(new, {"sensors": running})))
@@ -141,59 +150,38 @@ def reload(old: Manifest, new: Manifest, running: int) -> dict[tuple[str, int], 
 def test_changing_min_and_max_inside_the_count_keeps_every_slot() -> None:
     old = manifest(route(workers={"min": 1, "max": 8}))
     new = manifest(route(workers={"min": 2, "max": 6}))
-    assert reload(old, new, 4) == {("sensors", i): "keep" for i in range(4)}
+    assert reload(old, new, 4) == fates(keep=range(4))
 
 
 def test_a_lower_max_retires_down_to_it_and_keeps_the_rest() -> None:
     old = manifest(route(workers={"min": 1, "max": 8}))
     new = manifest(route(workers={"min": 1, "max": 2}))
-    assert reload(old, new, 5) == {
-        ("sensors", 0): "keep",
-        ("sensors", 1): "keep",
-        ("sensors", 2): "retire",
-        ("sensors", 3): "retire",
-        ("sensors", 4): "retire",
-    }
+    assert reload(old, new, 5) == fates(keep=range(2), retire=range(2, 5))
 
 
 def test_a_higher_min_grows_the_pool() -> None:
     old = manifest(route(workers={"min": 1, "max": 8}))
     new = manifest(route(workers={"min": 3, "max": 8}))
-    assert reload(old, new, 1) == {
-        ("sensors", 0): "keep",
-        ("sensors", 1): "start",
-        ("sensors", 2): "start",
-    }
+    assert reload(old, new, 1) == fates(keep=range(1), start=range(1, 3))
 
 
 def test_number_to_range_keeps_the_slots_that_fit() -> None:
     old = manifest(route(workers=4))
     new = manifest(route(workers={"min": 1, "max": 3}))
-    assert reload(old, new, 4) == {
-        ("sensors", 0): "keep",
-        ("sensors", 1): "keep",
-        ("sensors", 2): "keep",
-        ("sensors", 3): "retire",
-    }
+    assert reload(old, new, 4) == fates(keep=range(3), retire=range(3, 4))
 
 
 def test_range_to_number_sets_the_fixed_count_keeping_the_slots_that_stay() -> None:
     old = manifest(route(workers={"min": 1, "max": 8}))
     new = manifest(route(workers=2))
-    assert reload(old, new, 5) == {
-        ("sensors", 0): "keep",
-        ("sensors", 1): "keep",
-        ("sensors", 2): "retire",
-        ("sensors", 3): "retire",
-        ("sensors", 4): "retire",
-    }
-    assert reload(old, new, 1) == {("sensors", 0): "keep", ("sensors", 1): "start"}
+    assert reload(old, new, 5) == fates(keep=range(2), retire=range(2, 5))
+    assert reload(old, new, 1) == fates(keep=range(1), start=range(1, 2))
 
 
 def test_changing_only_the_knobs_keeps_every_slot() -> None:
     old = manifest(route())
     new = manifest(route(scaling={"up_after": "1s", "busy_low": "20%"}))
-    assert reload(old, new, 3) == {("sensors", i): "keep" for i in range(3)}
+    assert reload(old, new, 3) == fates(keep=range(3))
 
 
 def test_runtime_view_ignores_the_range_and_the_knobs() -> None:
