@@ -178,8 +178,12 @@ class PoolState:
     last: Decision | None = None
 
 
-def initial_state(scaling: Scaling) -> PoolState:
-    return PoolState(desired=scaling.min)
+def initial_state(scaling: Scaling, running: int | None = None) -> PoolState:
+    """A new pool starts at ``min``; a pool that already runs (a fixed pool a reload turned into a
+    range, or a range whose bounds changed) starts from what it runs, held inside the range."""
+    if running is None:
+        return PoolState(desired=scaling.min)
+    return PoolState(desired=max(scaling.min, min(scaling.max, running)))
 
 
 def should_log(previous: Decision | None, decision: Decision) -> bool:

@@ -472,3 +472,9 @@ def test_should_log_every_step_and_a_notable_hold_once() -> None:
     new = p.decisions[before - 1 :]
     logged = [d for (_, prev), (_, d) in itertools.pairwise(new) if should_log(prev, d)]
     assert [d.direction for d in logged][:1] == [Direction.UP]
+
+
+def test_initial_state_starts_at_min_or_from_what_runs() -> None:
+    scaling = Scaling(2, 5, KNOBS)
+    assert initial_state(scaling).desired == 2
+    assert [initial_state(scaling, n).desired for n in (1, 3, 9)] == [2, 3, 5]
