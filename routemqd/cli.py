@@ -1,7 +1,6 @@
 """Command line: ``routemqd run | check | status | reload | restart | stop``.
 
-Exit codes follow sysexits where one fits: 78 (EX_CONFIG) for a bad manifest, 69
-(EX_UNAVAILABLE) when the daemon is not running for a control command.
+Exit codes are listed once, in :mod:`routemqd.exitcodes` (``--help`` prints them from there).
 """
 
 from __future__ import annotations
@@ -12,8 +11,9 @@ import signal
 import sys
 
 from routemqd import __version__
-from routemqd.exitcodes import ExitCode
+from routemqd.exitcodes import ExitCode, command_help
 from routemqd.manifest import ManifestError, load
+from routemqd.signals import MASTER_SIGNALS
 
 DEFAULT_MANIFEST = "/etc/routemq.yaml"
 EX_UNAVAILABLE = 69
@@ -29,7 +29,7 @@ commands:
   retire-host  end the sessions of a host that is gone for good
   worker    run one slot's worker alone, to debug a handler
 
-exit codes: 0 ok, 78 invalid manifest or handler, 69 daemon not running.
+{exit_codes}
 docs: README.md, or `routemqd check -c FILE` to see what a manifest means.
 """
 
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="routemqd",
         description="Supervisor daemon for MQTT worker pools.",
-        epilog=_EPILOG,
+        epilog=_EPILOG.format(exit_codes=command_help()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"routemqd {__version__}")
@@ -121,16 +121,6 @@ def _load_or_exit(path: str) -> object:
         raise SystemExit(int(ExitCode.CONFIG)) from None
 
 
-MASTER_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGCHLD,
-)
-
-
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
         # Hold the master's signals from the first instant: one that arrives while we are still
@@ -146,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         manifest = _load_or_exit(args.config)
         return run_check(manifest, sys.stdout, sys.stderr)  # type: ignore[arg-type]
     if args.command == "run":
-        from routemqd.master import run_master
+        from routemqd.daemon import run_master
 
         return run_master(args.config, pidfile=args.pidfile, socket_path=args.socket)
     if args.command == "worker":
         return _worker(args)
     if args.command == "retire-host":
-        from routemqd.master import retire_host
+        from routemqd.daemon import retire_host
 
         return retire_host(args.config, args.host_id)
     from routemqd.control import client_main

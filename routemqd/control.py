@@ -20,13 +20,14 @@ import struct
 import sys
 from typing import Any
 
+from routemqd.exitcodes import ExitCode
 from routemqd.manifest import DEFAULT_CONTROL_SOCKET, ManifestError, load
 from routemqd.poolview import render_pools
 from routemqd.units import format_size
 
 MAX_REQUEST = 64 * 1024
-EX_UNAVAILABLE = 69
-EX_NOPERM = 77
+EX_UNAVAILABLE = int(ExitCode.UNAVAILABLE)
+EX_NOPERM = int(ExitCode.NO_PERMISSION)
 
 
 class ControlServer:
@@ -104,6 +105,9 @@ class ControlServer:
         if cmd == "status":
             return {"ok": True, **m.snapshot()}
         if cmd == "reload":
+            if m.shutting_down:
+                # systemd would read RELOADING=1 after STOPPING=1 as a daemon that changed its mind
+                return {"ok": False, "error": "the daemon is stopping; reload refused"}
             if m._replacing():
                 m.reload_requested = True
                 return {

@@ -1,4 +1,9 @@
-"""Named exit codes, so the master can tell a crash from a boot failure without parsing logs.
+"""Every exit code routemqd uses, named once: the commands', the master's and the workers'.
+
+The command line's help text and the README's list are written from this table.
+
+Workers exit with named codes so the master can tell a crash from a boot failure without parsing
+logs.
 
 A boot failure (the handler does not import, the broker refuses our credentials) will fail the
 same way on every restart, so the master parks the slot in ``failed`` at once instead of burning
@@ -20,6 +25,9 @@ class ExitCode(IntEnum):
     SUBSCRIBE_REFUSED = 6
     TLS_FAILED = 7
     PARENT_GONE = 8
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: a control command found no daemon
+    CANT_CREATE = 73  # EX_CANTCREAT: another daemon holds the control socket or the pidfile
+    NO_PERMISSION = 77  # EX_NOPERM: the control socket refused us
     CONFIG = 78  # EX_CONFIG from sysexits.h: the manifest is invalid
 
     @property
@@ -46,3 +54,18 @@ def describe(status: int) -> str:
         return ExitCode(status).name.lower()
     except ValueError:
         return f"exit {status}"
+
+
+# What the command line reports, for ``routemqd --help``.
+COMMAND_CODES: tuple[tuple[ExitCode, str], ...] = (
+    (ExitCode.OK, "ok"),
+    (ExitCode.CRASH, "the command failed (a reload refused, a worker crashed)"),
+    (ExitCode.UNAVAILABLE, "daemon not running"),
+    (ExitCode.CANT_CREATE, "another daemon already runs with this control socket or pidfile"),
+    (ExitCode.NO_PERMISSION, "permission denied on the control socket"),
+    (ExitCode.CONFIG, "invalid manifest or handler"),
+)
+
+
+def command_help() -> str:
+    return "exit codes: " + ", ".join(f"{int(c)} {text}" for c, text in COMMAND_CODES) + "."

@@ -1,4 +1,4 @@
-"""Health checks: sample a worker with psutil, then judge it with a pure function.
+"""Health checks: sample a worker with psutil, judge it with a pure function, then act.
 
 Sampling and judging are split so the rules (what is stuck, what is too big, how long CPU must be
 high) are tested without real processes. The ``psutil.Process`` objects are cached per worker:
@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import psutil
 
-from routemqd.slots import Proc
+from routemqd.procs import Proc
 
 
 class Action(StrEnum):
     NONE = "none"
-    KILL = "kill"  # stuck: stop now (SIGTERM, SIGKILL after a short grace)
+    KILL = "kill"  # stuck or frozen: it cannot drain, so SIGKILL at once
     RECYCLE = "recycle"  # unhealthy but working: replace gracefully, one slot at a time
 
 
@@ -26,7 +27,6 @@ class Action(StrEnum):
 class Verdict:
     action: Action
     reason: str = ""
-    grace: float | None = None  # for KILL: how long it may take to let go (None: the default)
 
 
 HEALTHY = Verdict(Action.NONE)
@@ -48,21 +48,13 @@ def sample(proc: Proc) -> bool:
     return True
 
 
-def same_process(proc: Proc) -> bool:
-    """True when ``proc.pid`` still names the process we forked (not a reused PID)."""
-    try:
-        return proc.ps is not None and proc.ps.create_time() == proc.create_time
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-
-
 def assess(proc: Proc, now: float, min_lifetime: float) -> Verdict:
     """Judge one running worker. Stopping workers are not judged: their deadline rules them."""
     route = proc.spec.route
     silent = now - proc.last_heartbeat
     if silent > route.heartbeat_timeout:
         # a frozen process cannot drain anything: no point in waiting for it
-        return Verdict(Action.KILL, f"no heartbeat for {silent:.0f}s (frozen process?)", 0.0)
+        return Verdict(Action.KILL, f"no heartbeat for {silent:.0f}s (frozen process?)")
     deadline = route.handler_timeout or route.heartbeat_timeout
     busy = float(proc.stats.get("busy_for", 0.0) or 0.0)
     if busy > deadline:
@@ -82,3 +74,33 @@ def assess(proc: Proc, now: float, min_lifetime: float) -> Verdict:
         else:
             proc.cpu_high_since = None
     return HEALTHY
+
+
+def check(table: Any, now: float) -> None:
+    """Judge every running worker of the slot table: kill the stuck and frozen at once, recycle
+    the oversized ones gracefully, one slot of a pool at a time."""
+    min_life = table.supervisor.recycle_min_lifetime
+    recycling = {s.pool for s in table.slots.values() if s.incoming or s.replace_reason}
+    for slot in list(table.slots.values()):
+        for proc in slot.live:
+            if proc.stop_mode is not None or not sample(proc):
+                continue  # stopping, or gone or a zombie: the reaper handles it
+            if proc.held and proc is slot.incoming:
+                continue  # warming and idle by design
+            verdict = assess(proc, now, min_life)
+            if verdict.action == Action.KILL:
+                table.log.error(
+                    "worker_unhealthy",
+                    **proc.label,
+                    reason=verdict.reason,
+                    action="kill",
+                    busy_topic=proc.stats.get("busy_topic") or None,
+                )
+                table.kill_stuck(slot, proc, verdict.reason, now)
+            elif verdict.action == Action.RECYCLE and proc is slot.proc:
+                if slot.pool in recycling:
+                    continue  # one slot of a pool at a time
+                recycling.add(slot.pool)
+                table.log.warning("worker_recycle", **proc.label, reason=verdict.reason)
+                slot.replace_reason = verdict.reason
+                slot.next_spec = slot.spec

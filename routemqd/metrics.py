@@ -13,7 +13,8 @@ import socket
 from typing import Any
 
 from routemqd.manifest import MetricsConfig
-from routemqd.worker import DURATION_BUCKETS
+from routemqd.protocol import DURATION_BUCKETS
+from routemqd.views import OUTCOMES, totals
 
 MAX_REQUEST = 8192
 
@@ -124,24 +125,13 @@ def render(master: Any) -> str:
             r["rss"] += proc.rss
         for reason, n in slot.restart_reasons.items():
             r["restarts"][reason] = r["restarts"].get(reason, 0) + n
-        base = slot.counters_base
-        for outcome, key in (
-            ("handled", "handled"),
-            ("failed", "failed"),
-            ("dead_lettered", "dead_lettered"),
-            ("dropped", "dropped"),
-        ):
-            total = float(base.get(key, 0)) + float(stats.get(key, 0) or 0)
-            r["counts"][outcome] = r["counts"].get(outcome, 0) + total
-        received = float(base.get("received", 0)) + float(stats.get("received", 0) or 0)
-        r["received"] = r.get("received", 0) + received
-        for i, c in enumerate(stats.get("buckets") or []):
-            if i < len(r["buckets"]):
-                r["buckets"][i] += c
-        for i, c in enumerate(base.get("buckets") or []):
-            if i < len(r["buckets"]):
-                r["buckets"][i] += c
-        r["sum"] += float(base.get("duration_sum", 0)) + float(stats.get("duration_sum", 0) or 0)
+        total = totals(slot)
+        for outcome in OUTCOMES:
+            r["counts"][outcome] = r["counts"].get(outcome, 0) + total[outcome]
+        r["received"] = r.get("received", 0) + total["received"]
+        for i, c in enumerate(total["buckets"]):
+            r["buckets"][i] += c
+        r["sum"] += total["duration_sum"]
 
     def family(name: str, kind: str, help_text: str) -> None:
         out.append(f"# HELP {name} {help_text}")

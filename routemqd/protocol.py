@@ -15,10 +15,38 @@ import errno
 import json
 import os
 from collections.abc import Iterator
+from enum import StrEnum
 from typing import Any
 
-STOP_KEEP = "keep"
-STOP_RETIRE = "retire"
+
+class Event(StrEnum):
+    """Worker -> master, the ``t`` field. The values are the wire strings."""
+
+    WARM = "warm"
+    READY = "ready"
+    HEARTBEAT = "hb"
+    STUCK = "stuck"
+    BOOT_ERROR = "boot_error"
+
+
+class Command(StrEnum):
+    """Master -> worker, the ``cmd`` field."""
+
+    CONNECT = "connect"
+    STOP = "stop"
+    REOPEN_LOGS = "reopen_logs"
+
+
+class StopMode(StrEnum):
+    KEEP = "keep"  # finish, ack, disconnect keeping the session (a restart, a replace)
+    RETIRE = "retire"  # unsubscribe, drain, end the session (the slot is gone for good)
+
+
+STOP_KEEP = StopMode.KEEP
+STOP_RETIRE = StopMode.RETIRE
+
+# Upper bounds (seconds) of the handler-duration histogram a heartbeat carries, +Inf implied.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def encode(event: dict[str, Any]) -> bytes:

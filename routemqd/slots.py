@@ -1,85 +1,133 @@
-"""Slots: what the master knows about each position in a pool, and the restart policy.
+"""A slot's one stored state, and the one place that changes it.
 
-Everything here is plain data and pure functions on monotonic time, so the restart policy can be
-tested without forking anything. The master (``master.py``) is the only place that acts on it.
+A slot is a position in a pool, ``(route, index)``. Whatever happens to its workers (a fork, a
+ready report, an exit, a reload, a health verdict), the slot table moves it with
+:meth:`Slot.change_state`, which refuses a transition that is not in :data:`TRANSITIONS` and
+writes the log event. ``routemqd status`` shows :attr:`Slot.shown`, a coarser name per state.
 
-States (supervisord-style, explicit, shown by ``routemqd status``):
+Transitions (the table below is the code's; DESIGN.md repeats it):
 
-    starting --ready--> ready --stop--> stopping --exit--> (gone, or respawned)
-        \\                 \\--crash--> backoff --delay--> starting
-         \\--boot failure / too many crashes--> failed --cooldown--> starting
+    STARTING    -> READY         the worker is subscribed (CONNACK and SUBACK)
+    READY       -> WARMING       replace keeping the session: a held replacement imports its code
+    READY       -> SUBSCRIBING   replace with a new subscription: the new worker subscribes first
+    WARMING     -> DRAINING      it is warm: the old worker finishes, acks, disconnects (keeps)
+    SUBSCRIBING -> DRAINING      it is subscribed: the old worker unsubscribes, drains, ends
+    WARMING     -> READY         the replacement failed: the old worker goes on as before
+    SUBSCRIBING -> READY         (same)
+    WARMING     -> CONNECTING    the old worker died early: the replacement takes over now
+    SUBSCRIBING -> CONNECTING    (same)
+    DRAINING    -> CONNECTING    the old worker is gone: the replacement connects to the session
+    DRAINING    -> READY         the old worker is gone, the new one is already subscribed
+    CONNECTING  -> READY         the replacement is subscribed: the handoff is over
+    STARTING, READY, CONNECTING, DRAINING, STOPPING
+                -> STARTING      the worker died: restart at once (first crash, or a poison
+                                 message's death, which counts against the message)
+                -> BACKOFF       the worker died again: wait, exponentially, with jitter
+                -> FAILED        boot failure, or too many deaths in the window: cool down
+    STARTING, READY, CONNECTING -> STOPPING   shutdown, or a stuck worker killed
+    WARMING, SUBSCRIBING, DRAINING -> STOPPING   shutdown during a handoff
+    WARMING, SUBSCRIBING -> DRAINING          the old worker was killed (stuck) mid-handoff
+    STARTING    -> BACKOFF       fork() failed
+    BACKOFF     -> STARTING      the delay is over: fork
+    FAILED      -> STARTING      the cool-down is over, or an operator asked for a restart
+    (any but GONE) -> RETIRING   removed (reload, scale-down): unsubscribe, drain, end session
+    RETIRING    -> GONE          its workers have exited; the slot leaves the table
+
+A replace is one sequence: ``READY -> WARMING -> DRAINING -> CONNECTING -> READY`` keeping the
+session (warm, drain, connect: never two live clients on one client id), or
+``READY -> SUBSCRIBING -> DRAINING -> READY`` when the subscription changes (the new session is
+subscribed before the old one leaves the group).
 """
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
+import structlog
 
-from routemqd.board import InflightBoard
-from routemqd.manifest import SupervisorConfig
 from routemqd.plan import SlotSpec
-from routemqd.protocol import LineReader
+
+if TYPE_CHECKING:
+    from routemqd.procs import Proc
+
+log = structlog.get_logger("routemqd.master")
 
 
 class State(StrEnum):
     STARTING = "starting"
     READY = "ready"
+    WARMING = "warming"
+    SUBSCRIBING = "subscribing"
+    DRAINING = "draining"
+    CONNECTING = "connecting"
     STOPPING = "stopping"
     BACKOFF = "backoff"
     FAILED = "failed"
     RETIRING = "retiring"
+    GONE = "gone"
 
 
-@dataclass
-class Proc:
-    """One forked worker process, as the master sees it."""
+S = State
+_DIED = frozenset({S.STARTING, S.BACKOFF, S.FAILED})
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.STARTING: _DIED | {S.READY, S.STOPPING, S.RETIRING},
+    S.READY: _DIED | {S.WARMING, S.SUBSCRIBING, S.STOPPING, S.RETIRING},
+    S.WARMING: frozenset({S.DRAINING, S.READY, S.CONNECTING, S.STOPPING, S.RETIRING}),
+    S.SUBSCRIBING: frozenset({S.DRAINING, S.READY, S.CONNECTING, S.STOPPING, S.RETIRING}),
+    S.DRAINING: _DIED | {S.CONNECTING, S.READY, S.STOPPING, S.RETIRING},
+    S.CONNECTING: _DIED | {S.READY, S.STOPPING, S.RETIRING},
+    S.STOPPING: _DIED | {S.RETIRING},
+    S.BACKOFF: frozenset({S.STARTING, S.RETIRING}),
+    S.FAILED: frozenset({S.STARTING, S.RETIRING}),
+    S.RETIRING: frozenset({S.GONE}),
+    S.GONE: frozenset(),
+}
 
-    pid: int
-    spec: SlotSpec
-    started_at: float
-    status_fd: int
-    command_fd: int
-    reader: LineReader
-    ps: psutil.Process | None
-    create_time: float
-    held: bool = False
-    warm: bool = False
-    ready_at: float | None = None
-    connect_sent: bool = False
-    last_heartbeat: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
-    stop_mode: str | None = None
-    stop_reason: str = ""
-    stop_deadline: float | None = None
-    killed: bool = False
-    boot_error: str = ""
-    stuck_reported: bool = False
-    cpu_high_since: float | None = None
-    rss: int = 0
-    cpu: float = 0.0
-    board: InflightBoard | None = None  # what it is handling, readable after it dies
+# What ``routemqd status`` shows: the handoff states read as the worker that serves meanwhile.
+SHOWN: dict[State, str] = {
+    S.STARTING: "starting",
+    S.READY: "ready",
+    S.WARMING: "ready",
+    S.SUBSCRIBING: "ready",
+    S.DRAINING: "stopping",
+    S.CONNECTING: "starting",
+    S.STOPPING: "stopping",
+    S.BACKOFF: "backoff",
+    S.FAILED: "failed",
+    S.RETIRING: "retiring",
+    S.GONE: "retiring",
+}
+HANDOFF = frozenset({S.WARMING, S.SUBSCRIBING, S.DRAINING, S.CONNECTING})
+SERVING = frozenset({S.READY, S.WARMING, S.SUBSCRIBING, S.DRAINING})  # counted as ready
+PARKED = frozenset({S.BACKOFF, S.FAILED})  # no worker, waiting for ``next_start_at``
+
+# Entering these states is an event operators look for; every other transition logs at debug.
+_EVENTS = {S.BACKOFF: "slot_backoff", S.FAILED: "slot_failed", S.GONE: "slot_retired"}
+_LEVELS = {S.BACKOFF: "warning", S.FAILED: "error", S.GONE: "info"}
+
+
+class IllegalTransition(RuntimeError):
+    """A bug in the slot table: it tried a move the state table does not allow."""
 
 
 @dataclass
 class Slot:
     spec: SlotSpec
     state: State = State.STARTING
-    proc: Proc | None = None
-    incoming: Proc | None = None  # a replacement warming up while ``proc`` still holds the session
-    next_spec: SlotSpec | None = None  # what the next worker should run (reload, same session)
+    since: float = 0.0  # monotonic time of the last transition
+    proc: Proc | None = None  # the worker that owns the slot's session
+    incoming: Proc | None = None  # a replacement, during WARMING and SUBSCRIBING (and DRAINING)
+    next_spec: SlotSpec | None = None  # what the next worker runs (a reload, same slot)
     replace_reason: str = ""  # a rolling replace this slot is waiting for
-    retiring: bool = False  # remove this slot for good once its worker has retired
     restarts: int = 0
     last_reason: str = ""
     consecutive_failures: int = 0
     failures: deque[float] = field(default_factory=deque)
-    next_start_at: float = 0.0
-    counters_base: dict[str, float] = field(default_factory=dict)  # totals of earlier workers
+    next_start_at: float = 0.0  # BACKOFF, FAILED: when to fork again
+    counters_base: dict[str, Any] = field(default_factory=dict)  # totals of earlier workers
     restart_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -87,54 +135,30 @@ class Slot:
         return self.spec.key
 
     @property
+    def pool(self) -> str:
+        return self.spec.route.name
+
+    @property
     def live(self) -> list[Proc]:
         return [p for p in (self.proc, self.incoming) if p is not None]
 
+    @property
+    def retiring(self) -> bool:
+        return self.state in (State.RETIRING, State.GONE)
 
-@dataclass(frozen=True)
-class Decision:
-    state: State
-    delay: float
-    reason: str
+    @property
+    def shown(self) -> str:
+        return SHOWN[self.state]
 
-
-def after_exit(
-    slot: Slot,
-    now: float,
-    lived_healthy: bool,
-    boot_failure: bool,
-    cfg: SupervisorConfig,
-    rng: random.Random | None = None,
-) -> Decision:
-    """What to do after an unexpected exit: restart now, back off, or park the slot as failed.
-
-    The first crash restarts at once (a crashed slot's session keeps collecting its share of
-    messages, so it must come back fast); a crash loop backs off exponentially with jitter; a slot
-    that keeps failing, or fails in a way restarting cannot fix, waits out a cool-down in
-    ``failed`` so it never becomes a restart storm.
-    """
-    rng = rng or random.Random()
-    if lived_healthy:
-        slot.consecutive_failures = 0
-        slot.failures.clear()
-    slot.consecutive_failures += 1
-    slot.failures.append(now)
-    while slot.failures and now - slot.failures[0] > cfg.failure_window:
-        slot.failures.popleft()
-    if boot_failure:
-        return Decision(State.FAILED, cfg.failed_cooldown, "boot failure")
-    if len(slot.failures) >= cfg.failure_limit:
-        return Decision(
-            State.FAILED,
-            cfg.failed_cooldown,
-            f"{len(slot.failures)} failures within {cfg.failure_window:g}s",
-        )
-    if slot.consecutive_failures == 1:
-        return Decision(State.STARTING, 0.0, "first failure")
-    return Decision(State.BACKOFF, backoff_delay(slot.consecutive_failures, cfg, rng), "backoff")
-
-
-def backoff_delay(consecutive: int, cfg: SupervisorConfig, rng: random.Random) -> float:
-    """Exponential from ``backoff_initial`` for the second failure on, capped, +/-20 % jitter."""
-    base = min(cfg.backoff_max, cfg.backoff_initial * (2 ** max(0, consecutive - 2)))
-    return min(cfg.backoff_max, base * rng.uniform(0.8, 1.2))
+    def change_state(self, new: State, now: float, **fields: Any) -> None:
+        """The one place a slot's state changes: legal moves only, and one log event each."""
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise IllegalTransition(f"slot {self.pool}[{self.spec.index}]: {old} -> {new}")
+        self.state = new
+        self.since = now
+        event = _EVENTS.get(new)
+        if event is None:
+            log.debug("slot_state", pool=self.pool, slot=self.spec.index, old=old, new=new)
+            return
+        getattr(log, _LEVELS[new])(event, pool=self.pool, slot=self.spec.index, **fields)

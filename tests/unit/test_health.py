@@ -6,11 +6,11 @@ from typing import Any
 
 import yaml
 
-from routemqd.health import Action, assess, same_process, sample
+from routemqd.health import Action, assess, sample
 from routemqd.manifest import loads
 from routemqd.plan import slots_for
+from routemqd.procs import Proc, same_process
 from routemqd.protocol import LineReader
-from routemqd.slots import Proc
 
 MiB = 1024 * 1024
 MIN_LIFETIME = 30.0

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from routemqd.manifest import MetricsConfig
 from routemqd.metrics import MetricsServer, render
-from routemqd.worker import DURATION_BUCKETS
+from routemqd.protocol import DURATION_BUCKETS
 
 NB = len(DURATION_BUCKETS) + 1
 

@@ -6,38 +6,22 @@ import random
 from typing import Any
 
 import pytest
-import yaml
 
-from routemqd.manifest import SupervisorConfig, loads
-from routemqd.plan import SlotSpec, slots_for
-from routemqd.slots import Slot, State, after_exit, backoff_delay
+from routemqd.manifest import SupervisorConfig
+from routemqd.plan import SlotSpec
+from routemqd.restarts import after_exit, backoff_delay
+from routemqd.slots import Slot, State
+from tests.unit import fakes
 
 JITTER = 0.2
 
 
 def config(**supervisor: Any) -> SupervisorConfig:
-    settings: dict[str, Any] = {
-        "backoff_initial": 0.1,
-        "backoff_max": 5,
-        "healthy_after": 10,
-        "failure_limit": 5,
-        "failure_window": 60,
-        "failed_cooldown": 60,
-        **supervisor,
-    }
-    return manifest(settings).supervisor
-
-
-def manifest(supervisor: dict[str, Any]) -> Any:
-    doc = {
-        "routes": [{"name": "r", "topic": "a/b", "handler": "m:f"}],
-        "supervisor": supervisor,
-    }
-    return loads(yaml.safe_dump(doc), "<slots>", environ={})
+    return fakes.manifest(**supervisor).supervisor
 
 
 def spec() -> SlotSpec:
-    return next(iter(slots_for(manifest({})).values()))
+    return fakes.specs(fakes.manifest())[0]
 
 
 def crash(
