@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from routemqd.manifest import MetricsConfig
+from routemqd.poolview import pool_metric_lines
 from routemqd.protocol import DURATION_BUCKETS
 from routemqd.views import OUTCOMES, totals
 
@@ -103,7 +104,6 @@ def render(master: Any) -> str:
         r = routes.setdefault(
             name,
             {
-                "desired": 0,
                 "up": 0,
                 "connected": 0,
                 "rss": 0,
@@ -113,8 +113,6 @@ def render(master: Any) -> str:
                 "sum": 0.0,
             },
         )
-        if not slot.retiring:
-            r["desired"] += 1
         proc = slot.proc
         stats = proc.stats if proc is not None else {}
         if proc is not None and proc.ready_at is not None and proc.stop_mode is None:
@@ -164,7 +162,6 @@ def render(master: Any) -> str:
             labels = f'route="{_esc(name)}",reason="{_esc(reason)}"'
             out.append(f"routemqd_worker_restarts_total{{{labels}}} {n}")
     for metric, key, help_text in (
-        ("routemqd_workers_desired", "desired", "Slots the manifest asks for."),
         ("routemqd_workers_up", "up", "Workers subscribed and ready."),
         ("routemqd_workers_connected", "connected", "Workers connected to the broker."),
         ("routemqd_worker_rss_bytes", "rss", "Resident memory of the route's workers."),
@@ -172,6 +169,8 @@ def render(master: Any) -> str:
         family(metric, "gauge", help_text)
         for name, r in routes.items():
             out.append(f'{metric}{{route="{_esc(name)}"}} {r[key]}')
+    # desired, min and max per pool: the scaler's target for an autoscaled pool (one family each)
+    out.extend(pool_metric_lines(master.pool_views()))
     family("routemqd_up", "gauge", "1 while the master runs.")
     out.append("routemqd_up 1")
     with contextlib.suppress(Exception):
