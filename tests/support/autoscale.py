@@ -110,11 +110,17 @@ class Run:
         return pool["desired"], pool["actual"]
 
     def wait_size(self, actual: int, timeout: float, what: str) -> None:
-        self.daemon.wait_for(
-            lambda s: (p := pool_of(s)) is not None and p["actual"] == actual == p["desired"],
-            timeout,
-            what,
-        )
+        """The pool has ``actual`` workers, wants as many, and every slot it removed has left
+        the table. A retiring slot no longer counts as actual, but it still drains and holds its
+        session until it exits: checking for its session before then would find it (and a
+        connection under its client id would take the session over from the draining worker)."""
+
+        def done(s: dict[str, Any]) -> bool:
+            p = pool_of(s)
+            retiring = [x for x in s["slots"] if x["route"] == POOL and x["state"] == "retiring"]
+            return p is not None and p["actual"] == actual == p["desired"] and not retiring
+
+        self.daemon.wait_for(done, timeout, what)
 
     def largest(self) -> int:
         return max((max(d, a) for _, d, a in self.sizes), default=0)
