@@ -89,6 +89,14 @@ class Pool:
     def run(self) -> bool:
         return self.scaler.run(self.h.manifest, self.h.now)
 
+    def passes(self, n: int, load: float, start: bool = False) -> None:
+        """``n`` seconds at ``load``, a scaling pass after each; ``start``: new slots get ready."""
+        for _ in range(n):
+            self.beat(load)
+            self.run()
+            if start:
+                self.ready_all()
+
     def size(self) -> int:
         return len(members(self.h.table.slots.values()).get("r", []))
 
@@ -146,9 +154,7 @@ def test_sustained_saturation_adds_one_slot_through_the_table() -> None:
     p.ready_all()
     p.run()  # first reading: a baseline
     with capture_logs() as logs:
-        for _ in range(3):
-            p.beat(0.95)
-            p.run()
+        p.passes(3, 0.95)
     assert p.size() == 2
     assert p.states() == {0: State.READY, 1: State.STARTING}
     (step,) = [e for e in logs if e["event"] == "pool_scaled"]
@@ -160,10 +166,7 @@ def test_sustained_saturation_adds_one_slot_through_the_table() -> None:
 def test_growth_waits_for_the_new_worker_and_never_passes_max() -> None:
     p = Pool(hi=3)
     p.ready_all()
-    for _ in range(40):
-        p.beat(1.0)
-        p.run()
-        p.ready_all()
+    p.passes(40, 1.0, start=True)
     assert p.size() == 3
     assert p.scaler.states["r"].last.reason is Reason.AT_MAX
     assert p.h.procs.spawned[-1].spec.index == 2 and len(p.h.procs.spawned) == 3
@@ -174,9 +177,7 @@ def test_no_step_on_a_saturated_host_and_the_hold_is_logged_once() -> None:
     p.host.cpu = 0.99
     p.ready_all()
     with capture_logs() as logs:
-        for _ in range(6):
-            p.beat(1.0)
-            p.run()
+        p.passes(6, 1.0)
     assert p.size() == 1
     holds = [e for e in logs if e["event"] == "pool_scaled"]
     assert [(e["direction"], e["reason"]) for e in holds] == [("hold", "no_host_headroom")]
@@ -187,24 +188,17 @@ def test_a_pool_with_a_parked_slot_holds() -> None:
     p.ready_all()
     p.h.exit(p.h.slot("r", 1).proc, exited(3))  # a boot failure: parked in failed
     assert p.h.slot("r", 1).state is State.FAILED
-    for _ in range(5):
-        p.beat(1.0)
-        p.run()
+    p.passes(5, 1.0)
     assert p.size() == 2
     assert p.scaler.states["r"].last.reason is Reason.MEASURING
 
 
 def test_silence_retires_the_highest_slot_which_then_leaves_the_table() -> None:
     p = Pool(lo=1, hi=3)
-    for _ in range(20):  # grow to 3
-        p.beat(1.0)
-        p.run()
-        p.ready_all()
+    p.passes(20, 1.0, start=True)  # grow to 3
     assert p.size() == 3
     with capture_logs() as logs:
-        for _ in range(6):
-            p.beat(0.0)
-            p.run()
+        p.passes(6, 0.0)
     assert p.size() == 2
     retiring = p.h.table.slots[("r", 2)]
     assert retiring.state is State.RETIRING
@@ -222,22 +216,15 @@ def test_silence_retires_the_highest_slot_which_then_leaves_the_table() -> None:
 def test_the_pool_never_shrinks_below_min() -> None:
     p = Pool(lo=2, hi=3)
     p.ready_all()
-    for _ in range(20):
-        p.beat(0.0)
-        p.run()
+    p.passes(20, 0.0)
     assert p.size() == 2 and p.scaler.states["r"].last.reason is Reason.AT_MIN
 
 
 def test_a_slot_coming_back_waits_for_its_retiring_predecessor() -> None:
     p = Pool(lo=1, hi=2)
-    for _ in range(10):
-        p.beat(1.0)
-        p.run()
-        p.ready_all()
+    p.passes(10, 1.0, start=True)
     assert p.size() == 2
-    for _ in range(6):
-        p.beat(0.0)
-        p.run()
+    p.passes(6, 0.0)
     old = p.h.table.slots[("r", 1)]
     assert old.state is State.RETIRING
     p.h.reconcile()
@@ -271,19 +258,14 @@ def test_running_counts_are_the_targets_or_the_slots_that_stay() -> None:
         ]
     )
     assert p.scaler.running() == {"r": 1, "f": 3}
-    for _ in range(5):
-        p.beat(1.0)
-        p.run()
-        p.ready_all()
+    p.passes(5, 1.0, start=True)
     assert p.scaler.running()["r"] == p.scaler.states["r"].desired >= 2
 
 
 def test_views_show_min_max_desired_actual_and_the_reason() -> None:
     p = Pool(hi=4)
     p.ready_all()
-    for _ in range(3):
-        p.beat(1.0)
-        p.run()
+    p.passes(3, 1.0)
     (view,) = p.scaler.views(p.h.manifest)
     assert (view.min, view.max, view.desired, view.actual) == (1, 4, 2, 1)
     assert view.autoscaled and view.reason == "saturated" and view.load == pytest.approx(1.0)
