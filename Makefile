@@ -7,12 +7,13 @@ BIN      := $(VENV)/bin
 MANIFEST ?= etc/routemq.yaml
 STAMP    := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps run test chaos bench lint check install-systemd clean help
+.PHONY: install system-deps run test chaos systemd-test bench lint check install-systemd clean help
 
 help:
 	@echo "make run      start a local broker (if none) and routemqd with $(MANIFEST)"
 	@echo "make test     install everything and run the test suite"
 	@echo "make chaos    long chaos soak (slow tests)"
+	@echo "make systemd-test  the service path under a real systemd 252 in a Debian 12 container (root)"
 	@echo "make bench    benchmarks: routemqd vs a raw paho-mqtt consumer"
 	@echo "make lint     ruff"
 	@echo "make check    routemqd check -c $(MANIFEST)"
@@ -39,6 +40,13 @@ test: install system-deps
 chaos: install system-deps
 	$(BIN)/pytest -m slow -s tests/chaos
 
+# Boots Debian 12 with systemd as PID 1 (systemd-nspawn) and runs the README's service path. The
+# root file system is built once (debootstrap, a few minutes) and cached in $(SYSTEMD_TEST_CACHE).
+SYSTEMD_TEST_CACHE ?= /var/cache/routemqd/systemd-test
+systemd-test: install system-deps
+	@scripts/systemd-test-rootfs $(SYSTEMD_TEST_CACHE)/bookworm
+	ROUTEMQD_SYSTEMD_TEST_CACHE=$(SYSTEMD_TEST_CACHE) $(BIN)/pytest -m systemd -v -s -p no:cacheprovider tests/systemd
+
 bench: install system-deps
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
@@ -50,7 +58,7 @@ lint: install
 check: install
 	$(BIN)/routemqd check -c $(MANIFEST)
 
-install-systemd: install
+install-systemd:
 	@scripts/install-systemd
 
 clean:

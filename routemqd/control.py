@@ -4,6 +4,11 @@ One JSON request line, one JSON reply, then the connection closes: no sessions, 
 master serves it from its single loop. Only the daemon's own user (and root) may talk to it:
 the socket's mode says so, and on Linux the peer's credentials are checked as well, because a
 socket created in a directory with looser permissions would otherwise be the only guard.
+
+The daemon's group may use the socket too when the manifest says ``control.mode: "0660"``, or when
+it says nothing and the socket's directory is closed to everyone else, as systemd's
+``/run/routemqd`` (0750, group routemqd) is: then the directory already admits only the group, and
+``routemqd status`` works for its members as the README shows.
 """
 
 from __future__ import annotations
@@ -21,13 +26,31 @@ import sys
 from typing import Any
 
 from routemqd.exitcodes import ExitCode
-from routemqd.manifest import DEFAULT_CONTROL_SOCKET, ManifestError, load
+from routemqd.manifest import DEFAULT_CONTROL_SOCKET, ControlConfig, ManifestError, load
 from routemqd.poolview import render_pools
 from routemqd.units import format_size
 
 MAX_REQUEST = 64 * 1024
 EX_UNAVAILABLE = int(ExitCode.UNAVAILABLE)
 EX_NOPERM = int(ExitCode.NO_PERMISSION)
+OWNER_ONLY = 0o600
+OWNER_AND_GROUP = 0o660
+
+
+def socket_mode(control: ControlConfig, path: str) -> int:
+    """The control socket's mode: the manifest's if it gives one, else by the directory.
+
+    Group access by default only where the directory already keeps others out: two guards
+    (directory and socket) stay in place, and the group is the one the directory admits.
+    A directory that does not exist yet is created 0750 by ControlServer, so it counts as closed.
+    """
+    if control.mode_given:
+        return control.mode
+    try:
+        dir_mode = os.stat(os.path.dirname(path) or ".").st_mode
+    except OSError:
+        return OWNER_AND_GROUP
+    return OWNER_ONLY if dir_mode & 0o007 else OWNER_AND_GROUP
 
 
 class ControlServer:
@@ -74,7 +97,7 @@ class ControlServer:
         if not self.mode & 0o060:
             return False
         # group members usually have the group as a supplementary one (usermod -aG)
-        return gid == self.gid or self.gid in _supplementary_groups(pid)
+        return gid == self.gid or self.gid in _peer_groups(conn, pid)
 
     def accept(self, sel: Any = None) -> None:
         try:
@@ -128,6 +151,25 @@ class ControlServer:
             m.begin_shutdown("control socket", "retire" if request.get("retire") else None)
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+MAX_PEER_GROUPS = 256  # getsockopt() takes at most 1024 bytes; more groups: /proc
+
+
+def _peer_groups(conn: socket.socket, pid: int) -> set[int]:
+    """The peer's supplementary groups, from the socket (SO_PEERGROUPS), else from /proc.
+
+    The kernel's answer comes first: under systemd's ProtectProc=invisible the daemon cannot see
+    other users' /proc/PID at all, so the /proc way would lock every group member out.
+    """
+    size = struct.calcsize("I")
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * MAX_PEER_GROUPS)
+    except OSError:
+        return _supplementary_groups(pid)
+    count = len(raw) // size
+    return set(struct.unpack(f"{count}I", raw[: count * size]))
 
 
 def _supplementary_groups(pid: int) -> set[int]:
@@ -206,19 +248,23 @@ def request(path: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[s
     return json.loads(buf or b"{}")
 
 
-def socket_path_for(args: argparse.Namespace) -> str:
+def socket_path_for(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The control socket to talk to, and why the default is used (the manifest is broken).
+
+    A broken manifest is exactly when people ask for status: fall back to the default socket
+    quietly, and mention the manifest only if that does not reach a daemon either (the daemon
+    reports a failed reload's error itself).
+    """
     if getattr(args, "socket", None):
-        return args.socket
+        return args.socket, None
     try:
-        return load(args.config).control.socket
+        return load(args.config).control.socket, None
     except ManifestError as e:
-        # A broken manifest is exactly when people ask for status: fall back, and say so.
-        sys.stderr.write(f"routemqd: {e}\nroutemqd: using {DEFAULT_CONTROL_SOCKET}\n")
-        return DEFAULT_CONTROL_SOCKET
+        return DEFAULT_CONTROL_SOCKET, f"{e}\nroutemqd: using {DEFAULT_CONTROL_SOCKET}"
 
 
 def client_main(args: argparse.Namespace) -> int:
-    path = socket_path_for(args)
+    path, fallback = socket_path_for(args)
     payload: dict[str, Any] = {"cmd": args.command}
     if args.command == "restart":
         payload["routes"] = args.routes
@@ -226,18 +272,10 @@ def client_main(args: argparse.Namespace) -> int:
         payload["retire"] = True
     try:
         reply = request(path, payload)
-    except FileNotFoundError:
-        sys.stderr.write(f"routemqd: the daemon is not running (no control socket at {path})\n")
-        return EX_UNAVAILABLE
-    except ConnectionRefusedError:
-        sys.stderr.write(f"routemqd: the daemon is not running (nothing listens on {path})\n")
-        return EX_UNAVAILABLE
-    except PermissionError:
-        sys.stderr.write(f"routemqd: permission denied on {path} (run as the daemon's user)\n")
-        return EX_NOPERM
     except (OSError, ValueError) as e:
-        sys.stderr.write(f"routemqd: no answer on {path}: {e}\n")
-        return EX_UNAVAILABLE
+        if fallback is not None:
+            sys.stderr.write(f"routemqd: {fallback}\n")
+        return _unreachable(path, e)
     if args.command == "status":
         if args.json:
             sys.stdout.write(json.dumps(reply, indent=2, default=str) + "\n")
@@ -264,6 +302,24 @@ def client_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unreachable(path: str, error: Exception) -> int:
+    """Say why the daemon could not be asked, with the exit code that tells it apart."""
+    if isinstance(error, FileNotFoundError):
+        sys.stderr.write(f"routemqd: the daemon is not running (no control socket at {path})\n")
+        return EX_UNAVAILABLE
+    if isinstance(error, ConnectionRefusedError):
+        sys.stderr.write(f"routemqd: the daemon is not running (nothing listens on {path})\n")
+        return EX_UNAVAILABLE
+    if isinstance(error, PermissionError):
+        sys.stderr.write(
+            f"routemqd: permission denied on {path} (run as the daemon's user, root, or a "
+            "member of its group)\n"
+        )
+        return EX_NOPERM
+    sys.stderr.write(f"routemqd: no answer on {path}: {error}\n")
+    return EX_UNAVAILABLE
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -287,6 +343,8 @@ def render_status(reply: dict[str, Any]) -> str:
     if lr.get("at"):
         when = datetime.datetime.fromtimestamp(lr["at"]).strftime("%Y-%m-%d %H:%M:%S")
         lines.append(f"last reload {when}: " + ("ok" if lr.get("ok") else f"FAILED: {lr['error']}"))
+        if lr.get("ok") and lr.get("restart_needed"):
+            lines.append("needs a restart to apply: " + ", ".join(lr["restart_needed"]))
     elif not lr.get("ok", True):
         lines.append(f"last reload FAILED: {lr.get('error')}")
     pools = render_pools(reply.get("pools") or ())

@@ -43,6 +43,7 @@ from routemqd.poolview import PoolView
 from routemqd.procs import ProcessTable
 from routemqd.protocol import Command, StopMode
 from routemqd.readiness import Readiness, set_title
+from routemqd.restart_needed import restart_needed
 from routemqd.scaling import Autoscaler, HostSampler, sample_host
 from routemqd.slots import Slot
 from routemqd.slottable import SlotTable
@@ -66,6 +67,7 @@ class Master:
         host: HostSampler = sample_host,
     ) -> None:
         self.manifest = manifest
+        self.boot_manifest = manifest  # what the control socket, metrics and logging came from
         self.log = structlog.get_logger("routemqd.master")
         self.pid = os.getpid()
         self.clock = clock
@@ -132,11 +134,12 @@ class Master:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs.MASTER_SIGNALS)
 
     def start_services(self) -> None:
-        from routemqd.control import ControlServer
+        from routemqd.control import ControlServer, socket_mode
         from routemqd.metrics import MetricsServer
 
         try:
-            self.control = ControlServer(self.socket_path, self.manifest.control.mode, self)
+            mode = socket_mode(self.manifest.control, self.socket_path)
+            self.control = ControlServer(self.socket_path, mode, self)
             self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
             self.procs.close_in_child.append(self.control.fileno())
         except OSError as e:
@@ -349,6 +352,10 @@ class Master:
         self.last_reload = {"ok": True, "at": time.time(), "error": None, "summary": summary}
         duration_ms = round((self.clock() - started) * 1000, 1)
         self.log.info("reload_applied", **summary, duration_ms=duration_ms)
+        # settings only a restart applies: reported, never silently ignored
+        self.last_reload["restart_needed"] = pending = list(restart_needed(self.boot_manifest, new))
+        if pending:
+            self.log.warning("reload_needs_restart", settings=pending, action="restart to apply")
         for warning in new.warnings:
             self.log.warning("manifest_warning", reason=warning)
         self.readiness.reload_applied(self.clock())

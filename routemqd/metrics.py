@@ -15,6 +15,7 @@ from typing import Any
 from routemqd.manifest import MetricsConfig
 from routemqd.poolview import pool_metric_lines
 from routemqd.protocol import DURATION_BUCKETS
+from routemqd.slots import State
 from routemqd.views import OUTCOMES, totals
 
 MAX_REQUEST = 8192
@@ -105,6 +106,7 @@ def render(master: Any) -> str:
             name,
             {
                 "up": 0,
+                "failed": 0,
                 "connected": 0,
                 "rss": 0,
                 "restarts": {},
@@ -115,6 +117,8 @@ def render(master: Any) -> str:
         )
         proc = slot.proc
         stats = proc.stats if proc is not None else {}
+        if proc is None and not slot.retiring and slot.state == State.FAILED:
+            r["failed"] += 1
         if proc is not None and proc.ready_at is not None and proc.stop_mode is None:
             r["up"] += 1
         if stats.get("connected"):
@@ -163,6 +167,7 @@ def render(master: Any) -> str:
             out.append(f"routemqd_worker_restarts_total{{{labels}}} {n}")
     for metric, key, help_text in (
         ("routemqd_workers_up", "up", "Workers subscribed and ready."),
+        ("routemqd_workers_failed", "failed", "Slots parked in failed (crashed too often)."),
         ("routemqd_workers_connected", "connected", "Workers connected to the broker."),
         ("routemqd_worker_rss_bytes", "rss", "Resident memory of the route's workers."),
     ):

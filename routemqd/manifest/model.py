@@ -77,6 +77,9 @@ class SupervisorConfig:
 class ControlConfig:
     socket: str = DEFAULT_CONTROL_SOCKET
     mode: int = 0o600
+    # False when the manifest leaves control.mode out: the socket then opens to the daemon's
+    # group if its directory is closed to everyone else (see control.socket_mode).
+    mode_given: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

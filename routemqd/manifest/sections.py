@@ -273,7 +273,9 @@ def _control(ctx: Ctx, top: Map) -> ControlConfig:
                 mode_node, "control.mode", "the control socket must not be world-accessible"
             )
     m.finish()
-    return ControlConfig(socket=_resolve_path(ctx, sock), mode=mode)
+    return ControlConfig(
+        socket=_resolve_path(ctx, sock), mode=mode, mode_given=mode_node is not None
+    )
 
 
 def _logging(ctx: Ctx, top: Map) -> LoggingConfig:

@@ -864,3 +864,46 @@ def test_install_systemd_into_a_staging_root(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert config.read_text() == "edited: true\n"
     assert "keeping the existing" in r.stdout
+
+
+def test_install_systemd_adds_the_broker_settings_to_a_local_mosquitto(tmp_path: Path) -> None:
+    """With /etc/mosquitto/conf.d present the drop-in is installed once, never overwritten."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    shipped = (REPO_ROOT / "etc/mosquitto.d/routemqd.conf").read_text()
+
+    bare = tmp_path / "bare"
+    r = run_install("--destdir", str(bare), env={"PYTHON": str(fake)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (bare / "etc/mosquitto").exists()
+    assert "etc/mosquitto.d/routemqd.conf" in r.stdout  # says where the settings are
+
+    root = tmp_path / "root"
+    (root / "etc/mosquitto/conf.d").mkdir(parents=True)
+    r = run_install("--destdir", str(root), env={"PYTHON": str(fake)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    dropin = root / "etc/mosquitto/conf.d/routemqd.conf"
+    assert dropin.read_text() == shipped
+    assert stat.S_IMODE(dropin.stat().st_mode) == 0o644
+    assert "systemctl restart mosquitto" in r.stdout
+
+    dropin.write_text("max_queued_messages 0\n")
+    r = run_install("--destdir", str(root), env={"PYTHON": str(fake)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert dropin.read_text() == "max_queued_messages 0\n"
+    assert f"keeping the existing {dropin}" in r.stdout
+
+
+def test_mosquitto_dropin_has_the_settings_the_promise_needs() -> None:
+    lines = (REPO_ROOT / "etc/mosquitto.d/routemqd.conf").read_text().splitlines()
+    settings = dict(
+        line.split(None, 1) for line in lines if line.strip() and not line.startswith("#")
+    )
+    assert settings["persistence"] == "true"
+    assert int(settings["autosave_interval"]) <= 10
+    assert settings["autosave_on_changes"] == "false"
+    assert settings["max_queued_messages"] == "0"
+    assert int(settings["memory_limit"]) > 0
+    # a drop-in must not take over the listeners or the distribution's paths
+    assert not {"listener", "port", "user", "persistence_location"} & settings.keys()

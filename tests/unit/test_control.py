@@ -305,10 +305,13 @@ def test_server_rejects_garbage(server: tuple[ControlServer, FakeMaster]) -> Non
 
 
 class FakeConn:
-    def __init__(self, uid: int, gid: int) -> None:
+    def __init__(self, uid: int, gid: int, groups: tuple[int, ...] = ()) -> None:
         self.creds = struct.pack("3i", 999, uid, gid)
+        self.groups = struct.pack(f"{len(groups)}I", *groups)
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        if (level, option) == (socket.SOL_SOCKET, control.SO_PEERGROUPS):
+            return self.groups
         assert (level, option) == (socket.SOL_SOCKET, socket.SO_PEERCRED)
         return self.creds
 
@@ -468,3 +471,88 @@ def test_request_reads_a_reply_sent_before_the_request_was_read(
         thread.join(5)
         listener.close()
     assert reply == {"ok": False, "error": "permission denied"}
+
+
+# ------------------------------------------------------------------- the socket's default mode
+
+
+@pytest.mark.parametrize(
+    ("dir_mode", "given", "expected"),
+    [
+        (0o750, None, 0o660),  # systemd's /run/routemqd: the group the directory admits
+        (0o700, None, 0o660),
+        (0o755, None, 0o600),  # others may reach the socket: owner only
+        (0o777, None, 0o600),
+        (0o750, 0o600, 0o600),  # what the manifest says wins
+        (0o777, 0o660, 0o660),
+    ],
+)
+def test_socket_mode_default_follows_the_directory(
+    tmp_path: Path, dir_mode: int, given: int | None, expected: int
+) -> None:
+    from routemqd.manifest import loads
+
+    directory = tmp_path / "run"
+    directory.mkdir()
+    directory.chmod(dir_mode)
+    sock = directory / "control.sock"
+    mode_line = f"  mode: '0{given:o}'\n" if given is not None else ""
+    manifest = loads(
+        f"control:\n  socket: {sock}\n{mode_line}"
+        "routes:\n  - {name: a, topic: a/b, handler: m:f}\n",
+        str(tmp_path / "routemq.yaml"),
+    )
+    assert control.socket_mode(manifest.control, str(sock)) == expected
+
+
+def test_socket_mode_for_a_directory_not_made_yet(tmp_path: Path) -> None:
+    # ControlServer creates it 0750, so the group default applies
+    from routemqd.manifest import ControlConfig
+
+    path = str(tmp_path / "later" / "control.sock")
+    assert control.socket_mode(ControlConfig(socket=path), path) == 0o660
+
+
+def test_status_with_a_broken_manifest_is_quiet_when_the_default_socket_answers(
+    server: tuple[ControlServer, FakeMaster],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed reload leaves a broken manifest: status must not repeat its error every time."""
+    srv, _ = server
+    broken = tmp_path / "routemq.yaml"
+    broken.write_text("routes: [\n")
+    monkeypatch.setattr(control, "DEFAULT_CONTROL_SOCKET", srv.path)
+    assert client_main(args("status", "", config=str(broken))) == 0
+    out = capsys.readouterr()
+    assert "sensor-data" in out.out
+    assert out.err == ""
+
+    # when the default socket does not answer either, the manifest's error explains why
+    monkeypatch.setattr(control, "DEFAULT_CONTROL_SOCKET", str(tmp_path / "none.sock"))
+    assert client_main(args("status", "", config=str(broken))) == 69
+    err = capsys.readouterr().err
+    assert str(broken) in err
+    assert "not running" in err
+
+
+def test_render_status_names_settings_that_need_a_restart() -> None:
+    lr = {"ok": True, "at": 1.0, "error": None, "summary": {}, "restart_needed": ["control.mode"]}
+    text = render_status(sample_snapshot(last_reload=lr))
+    assert "needs a restart to apply: control.mode" in text
+    assert "needs a restart" not in render_status(sample_snapshot())
+
+
+def test_group_membership_comes_from_the_socket_not_proc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ProtectProc=invisible the daemon cannot read a peer's /proc: SO_PEERGROUPS decides."""
+    monkeypatch.setattr(control, "_supplementary_groups", lambda pid: pytest.fail("read /proc"))
+    srv = ControlServer(str(tmp_path / "c.sock"), 0o660, FakeMaster())
+    try:
+        srv.uid, srv.gid = 1000, 1000
+        assert srv.allowed(FakeConn(2000, 2000, groups=(5, 1000))) is True  # type: ignore[arg-type]
+        assert srv.allowed(FakeConn(2000, 2000, groups=(5,))) is False  # type: ignore[arg-type]
+    finally:
+        srv.close()

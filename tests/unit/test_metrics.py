@@ -44,10 +44,12 @@ def make_slot(
     retiring: bool = False,
     restarts: dict[str, int] | None = None,
     base: dict[str, Any] | None = None,
+    state: str = "starting",
 ) -> SimpleNamespace:
     return SimpleNamespace(
         spec=SimpleNamespace(route=SimpleNamespace(name=route)),
         proc=proc,
+        state=state,
         retiring=retiring,
         restart_reasons=restarts or {},
         counters_base=base or {},
@@ -320,3 +322,16 @@ def test_http_round_trip(live_server: MetricsServer) -> None:
     assert f"Content-Length: {len(body)}".encode() in head
     assert parse(body.decode())[0]
     assert raw_get(live_server.port, b"GET /x HTTP/1.0\n\n").startswith(b"HTTP/1.1 404")
+
+
+def test_failed_slots_are_counted_per_route() -> None:
+    master = FakeMaster(
+        [
+            make_slot("a", None, state="failed"),
+            make_slot("a", None, state="backoff"),
+            make_slot("b", None, state="failed", retiring=True),
+        ]
+    )
+    text = render(master)
+    assert 'routemqd_workers_failed{route="a"} 1' in text
+    assert 'routemqd_workers_failed{route="b"} 0' in text

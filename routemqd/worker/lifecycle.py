@@ -1,0 +1,322 @@
+"""The process in one slot, from fork to exit: boot, connect, serve, stop.
+
+Threads, each with one job:
+- the socket thread (``drivers``) reads the socket and runs sync handlers inline (concurrency 1)
+  or an event loop with async handlers; it alone acknowledges (``delivery``);
+- pool runner threads, only for sync handlers with concurrency > 1;
+- the main thread (here) talks to the master: commands in, ``ready`` and heartbeats out; it
+  notices a handler stuck past its deadline and reports its stack, and keeps the connection alive
+  while a handler holds the socket thread (``Link.keep_alive_if_starved``).
+
+Exit codes are named in :mod:`routemqd.exitcodes`: the master tells a crash from a boot failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import selectors
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from routemqd import log as logsetup
+from routemqd import protocol
+from routemqd.board import InflightBoard
+from routemqd.exitcodes import ExitCode
+from routemqd.handlers import HandlerError, LoadedHandler, load_handler
+from routemqd.plan import SlotSpec
+from routemqd.worker import stats
+from routemqd.worker.consumer import Consumer
+
+HEARTBEAT_INTERVAL = 1.0
+IDLE_BEAT_AFTER = 0.1  # an extra heartbeat this long after the last message, once work stops
+RETIRE_IDLE = 0.5  # quiet time after UNSUBACK before ending the session (BROKER-FACTS)
+PR_SET_PDEATHSIG = 1
+BOOT_FAILURE = "boot_failure"
+
+
+def _until_next_beat() -> float:
+    """Seconds to the next wall-clock heartbeat tick. Every worker beats on the same tick, so the
+    master reads a whole pool's heartbeats in one wake-up instead of one wake-up per worker."""
+    return HEARTBEAT_INTERVAL - (time.time() % HEARTBEAT_INTERVAL)
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to signal us when the master dies, so a worker never outlives it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent-pid check in the main loop still catches it
+
+
+class Worker:
+    def __init__(
+        self,
+        spec: SlotSpec,
+        status_fd: int,
+        command_fd: int | None = None,
+        parent_pid: int | None = None,
+        board: InflightBoard | None = None,
+        attempts: Mapping[bytes, int] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.route = spec.route
+        self.status_fd = status_fd
+        self.command_fd = command_fd
+        self.parent_pid = parent_pid
+        self.board = board
+        self.attempts = attempts
+        self.log = structlog.get_logger("routemqd.worker").bind(
+            pool=spec.route.name, slot=spec.index, pid=os.getpid()
+        )
+        self.handler: LoadedHandler | None = None
+        self.consumer: Consumer | None = None
+        self.boot_failure: tuple[ExitCode, str] | None = None
+        self.stop_mode: str | None = None
+        self.connect_allowed = False
+        self.ready_sent = False
+        self._beat_received = 0  # ``received`` in the last heartbeat
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    @property
+    def states(self) -> list[stats.RunnerState]:
+        return self.consumer.states if self.consumer is not None else []
+
+    # ------------------------------------------------------------------------ lifecycle
+
+    def main(self, hold: bool = False) -> int:
+        self._install_signals()
+        try:
+            self.handler = load_handler(self.route.handler, self.spec.python_path)
+        except HandlerError as e:
+            code = (
+                ExitCode.HANDLER_IMPORT_FAILED if e.kind == "import" else ExitCode.HANDLER_INVALID
+            )
+            self.log.error("handler_unusable", reason=str(e), detail=e.detail or None)
+            self._emit({"t": "boot_error", "code": int(code), "reason": str(e)})
+            return int(code)
+        self._booted()
+        self._emit({"t": "warm"})
+        self.connect_allowed = not hold
+        return self._shutdown(self._serve())
+
+    def _booted(self) -> None:
+        """Booted, before connect: the handler is imported, nothing is subscribed yet. (The
+        place for a route's ``setup`` hook.)"""
+
+    def _drained(self) -> None:
+        """Drained, before disconnect: the last in-flight message is acknowledged. (The place
+        for a route's ``teardown`` hook.)"""
+
+    def _serve(self) -> str:
+        """The main thread's loop: commands, signals, heartbeats, deadlines. Returns a stop mode."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        reader = None
+        if self.command_fd is not None:
+            os.set_blocking(self.command_fd, False)
+            reader = protocol.LineReader(self.command_fd)
+            sel.register(self.command_fd, selectors.EVENT_READ, "command")
+        next_beat = time.monotonic()
+        try:
+            while self.stop_mode is None and self.boot_failure is None:
+                if self.connect_allowed and self.consumer is None:
+                    assert self.handler is not None
+                    self.consumer = Consumer(
+                        self.spec, self.handler, self, self.log, self.board, self.attempts
+                    )
+                    self.consumer.start()
+                    if self.boot_failure is not None:
+                        break
+                timeout = max(0.0, next_beat - time.monotonic())
+                if self.consumer is not None and self.consumer.received != self._beat_received:
+                    timeout = min(timeout, IDLE_BEAT_AFTER)
+                for key, _ in sel.select(timeout):
+                    if key.data == "wake":
+                        self._drain_wake()
+                    elif reader is not None:
+                        for cmd in reader.read():
+                            self._command(cmd)
+                        if reader.eof:
+                            self.log.warning("master_gone", reason="command pipe closed")
+                            sel.unregister(self.command_fd)
+                            self.stop_mode = self.stop_mode or protocol.STOP_KEEP
+                consumer = self.consumer
+                if consumer is not None and consumer.subscribed and not self.ready_sent:
+                    self.ready_sent = True
+                    self._emit({"t": "ready"})
+                    self.log.info("subscribed", filter=self.route.subscription)
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    self.log.warning("master_gone", reason="parent changed")
+                    self.stop_mode = protocol.STOP_KEEP
+                now = time.monotonic()
+                if consumer is not None and consumer.link is not None:
+                    consumer.link.keep_alive_if_starved(now)
+                if now >= next_beat or self._went_idle(now):
+                    self._heartbeat(now)
+                    next_beat = now + _until_next_beat()
+        finally:
+            sel.close()
+        if self.boot_failure is not None:
+            return BOOT_FAILURE
+        return self.stop_mode or protocol.STOP_KEEP
+
+    def _command(self, cmd: dict[str, Any]) -> None:
+        kind = cmd.get("cmd")
+        if kind == "connect":
+            self.connect_allowed = True
+        elif kind == "reopen_logs":
+            logsetup.sink().reopen()  # our copy of the log file, inherited through fork
+        elif kind == "stop":
+            mode = cmd.get("mode")
+            self.stop_mode = mode if mode in (protocol.STOP_KEEP, protocol.STOP_RETIRE) else "keep"
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGUSR2, self._on_signal)
+        # A terminal's Ctrl-C / Ctrl-\ / hangup reach the whole process group: the master
+        # decides how its workers stop, so they ignore these.
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        if self.parent_pid is None:  # `routemqd worker` alone in a terminal: Ctrl-C stops it
+            signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Only record the wish; the main loop acts on it (woken by the wakeup fd).
+        if self.stop_mode is None:
+            self.stop_mode = (
+                protocol.STOP_RETIRE if signum == signal.SIGUSR2 else protocol.STOP_KEEP
+            )
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if not protocol.write_event(self.status_fd, event) and self.stop_mode is None:
+            self.stop_mode = protocol.STOP_KEEP  # the master is gone
+
+    def boot_fail(self, code: ExitCode, reason: str) -> None:
+        if self.boot_failure is None:
+            self.boot_failure = (code, reason)
+            self.log.error("worker_boot_failed", reason=reason, code=code.name.lower())
+            self._emit({"t": "boot_error", "code": int(code), "reason": reason})
+        self.wake()
+
+    # -------------------------------------------------------------------- reporting
+
+    def _went_idle(self, now: float) -> bool:
+        """Work just stopped: the counters are final, so report them now rather than at the next
+        tick (``routemqd status`` and the benchmarks see a drained backlog at once)."""
+        c = self.consumer
+        return (
+            c is not None
+            and c.received != self._beat_received
+            and now - c.last_message_at >= IDLE_BEAT_AFTER
+            and all(s.busy_since is None for s in c.states)
+            and (c.runner is None or c.runner.queued() == 0)
+        )
+
+    def _heartbeat(self, now: float) -> None:
+        busy_for, busy = stats.busiest(self.states, now)
+        deadline = self.route.handler_timeout or self.route.heartbeat_timeout
+        if busy is not None and busy_for > deadline and not busy.stuck_reported:
+            busy.stuck_reported = True
+            stack = _stack_of(busy.busy_thread)
+            self.log.error(
+                "handler_stuck", topic=busy.busy_topic, busy_for=round(busy_for, 1), stack=stack
+            )
+            self._emit(
+                {
+                    "t": "stuck",
+                    "topic": busy.busy_topic,
+                    "busy_for": busy_for,
+                    "stack": stack[-3000:],
+                }
+            )
+        c = self.consumer
+        self._beat_received = c.received if c is not None else 0
+        window = max(1, self.route.concurrency + self.route.prefetch)
+        unacked = c.acks.unacked if c is not None and c.acks is not None else 0
+        self._emit(
+            {
+                "t": "hb",
+                "received": c.received if c is not None else 0,
+                "dropped": c.dropped if c is not None else 0,
+                "redelivered": c.redelivered if c is not None else 0,
+                "queued": c.runner.queued() if c is not None and c.runner is not None else 0,
+                "connected": c is not None and c.link is not None and c.link.connected,
+                "busy_for": round(busy_for, 3),
+                "busy_topic": busy.busy_topic if busy is not None else "",
+                **stats.totals(self.states, now),
+                "resolved": stats.take_resolved(self.states),
+                "unacked": unacked,
+                "window_full": unacked >= window,
+            }
+        )
+
+    # ---------------------------------------------------------------------- shutdown
+
+    def _shutdown(self, mode: str) -> int:
+        deadline = time.monotonic() + max(0.5, self.spec.graceful_timeout - 1.0)
+        c = self.consumer
+        if mode == BOOT_FAILURE:
+            assert self.boot_failure is not None
+            if c is not None:
+                c.stopping = True
+                c.close(end_session=False, deadline=time.monotonic() + 1.0)
+            return int(self.boot_failure[0])
+        if c is None or c.link is None:
+            return int(ExitCode.OK)
+        self.log.info("worker_stopping", mode=mode)
+        end_session = mode == protocol.STOP_RETIRE and c.retire(deadline)
+        c.accepting = False
+        c.drain(deadline)
+        self._drained()
+        c.stopping = True
+        c.close(end_session=end_session, deadline=deadline + 1.0)
+        self.log.info("worker_stopped", mode=mode, handled=sum(s.handled for s in self.states))
+        return int(ExitCode.OK)
+
+
+def _stack_of(thread_id: int | None) -> str:
+    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    return "".join(traceback.format_stack(frame)) if frame is not None else ""
+
+
+def run(
+    spec: SlotSpec,
+    status_fd: int,
+    command_fd: int | None = None,
+    hold: bool = False,
+    parent_pid: int | None = None,
+    board: InflightBoard | None = None,
+    attempts: Mapping[bytes, int] | None = None,
+) -> int:
+    """Run one slot's worker until told to stop; returns an ExitCode value."""
+    worker = Worker(spec, status_fd, command_fd, parent_pid, board, attempts)
+    try:
+        return worker.main(hold=hold)
+    except Exception as e:
+        worker.log.error(
+            "worker_crashed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()
+        )
+        return int(ExitCode.CRASH)
