@@ -52,8 +52,8 @@ bench: install system-deps
 	$(BIN)/python bench/run.py
 
 lint: install
-	$(BIN)/ruff check routemqd tests bench
-	$(BIN)/ruff format --check routemqd tests bench
+	$(BIN)/ruff check routemqd tests bench examples
+	$(BIN)/ruff format --check routemqd tests bench examples
 
 check: install
 	$(BIN)/routemqd check -c $(MANIFEST)

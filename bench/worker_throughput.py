@@ -10,7 +10,11 @@ handled the last one.
   is started again. Heartbeats come only once a second, so the rate is taken over the time the
   worker was certainly busy: from its ``warm`` event (handler imported, about to connect) to the
   last heartbeat sent before ``handled`` reached N, with that heartbeat's ``handled`` count. The
-  same rate counted from process start (interpreter start-up included) is printed too.
+  same rate counted from process start (interpreter start-up included) is printed too, and the
+  worker's CPU time per message (user + system, from ``warm`` to the heartbeat that reports N).
+
+``--handler`` and ``--middleware`` (repeatable) change the route, e.g. to measure what a
+middleware chain costs: ``--middleware tests.handlers.hooked:passthrough``.
 
 Run from the repository root: ``.venv/bin/python bench/worker_throughput.py [-n 20000] [-r 3]``.
 The broker and every worker are stopped by PID on exit, also on Ctrl-C or SIGTERM.
@@ -33,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import paho.mqtt.client as mqtt  # noqa: E402
+import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
@@ -138,9 +143,17 @@ def run_baseline(broker: Broker, protocol: int, n: int, tag: str) -> float:
 # ----------------------------------------------------------------------------------- routemqd
 
 
-def wait_handled(w: WorkerProc, n: int) -> tuple[float, float, int]:
+def cpu_seconds(ps: psutil.Process) -> float:
+    t = ps.cpu_times()
+    return t.user + t.system
+
+
+def wait_handled(w: WorkerProc, n: int) -> tuple[float, float, int, float]:
     """Wait until the worker reports ``handled`` >= n. Returns the arrival time of ``warm`` and
-    of the last heartbeat sent while it was still draining, with that heartbeat's count."""
+    of the last heartbeat sent while it was still draining, with that heartbeat's count, and the
+    worker's CPU seconds from ``warm`` to the heartbeat that reported n."""
+    ps = psutil.Process(w.proc.pid)
+    cpu_at_warm = 0.0
     warm_at: float | None = None
     last: tuple[float, int] | None = None
     seen = 0
@@ -151,12 +164,13 @@ def wait_handled(w: WorkerProc, n: int) -> tuple[float, float, int]:
         for e in w.events[seen:]:
             if e.get("t") == "warm":
                 warm_at = now
+                cpu_at_warm = cpu_seconds(ps)
             elif e.get("t") == "hb" and warm_at is not None:
                 handled = int(e["handled"])
                 if handled >= n:
                     if last is None or last[1] == 0:
                         raise RuntimeError("drained within one heartbeat: use a larger -n")
-                    return warm_at, last[0], last[1]
+                    return warm_at, last[0], last[1], cpu_seconds(ps) - cpu_at_warm
                 last = (now, handled)
             elif e.get("t") == "boot_error":
                 raise RuntimeError(f"worker failed to boot: {e}")
@@ -168,11 +182,18 @@ def wait_handled(w: WorkerProc, n: int) -> tuple[float, float, int]:
 
 
 def run_worker(
-    broker: Broker, workdir: Path, protocol: int, n: int, tag: str, live: list[WorkerProc]
-) -> tuple[float, float]:
-    """msgs/s from ``warm`` to the last message, and from process start to the last message."""
+    broker: Broker,
+    workdir: Path,
+    protocol: int,
+    n: int,
+    tag: str,
+    live: list[WorkerProc],
+    route_keys: dict[str, Any],
+) -> tuple[float, float, float]:
+    """msgs/s from ``warm`` to the last message, and from process start to the last message;
+    CPU microseconds per message."""
     topic = f"bench/w/{tag}"
-    route = manifests.route("bench", topic, handler="routemqd.examples.handlers:noop")
+    route = manifests.route("bench", topic, **route_keys)
     manifest = manifests.write(
         workdir / f"{tag}.yaml",
         broker.port,
@@ -194,12 +215,12 @@ def run_worker(
     spawned = time.monotonic()
     second = WorkerProc(manifest, "bench", 0)
     live.append(second)
-    warm_at, busy_until, handled = wait_handled(second, n)
+    warm_at, busy_until, handled, cpu = wait_handled(second, n)
     second.signal(signal.SIGUSR2)  # retire: end the session so the broker can forget it
     second.wait(WAIT)
     second.close()
     live.remove(second)
-    return handled / (busy_until - warm_at), handled / (busy_until - spawned)
+    return handled / (busy_until - warm_at), handled / (busy_until - spawned), cpu / n * 1e6
 
 
 # --------------------------------------------------------------------------------------- main
@@ -209,8 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--messages", type=int, default=20_000)
     parser.add_argument("-r", "--repeats", type=int, default=3)
+    parser.add_argument(
+        "--handler", default="routemqd.examples.handlers:noop", help="the route's handler"
+    )
+    parser.add_argument(
+        "--middleware", action="append", default=[], help="a middleware (repeat for a chain)"
+    )
+    parser.add_argument(
+        "--protocol", choices=["5", "3.1.1", "both"], default="both", help="MQTT version(s)"
+    )
     args = parser.parse_args(argv)
     n, repeats = args.messages, args.repeats
+    route_keys: dict[str, Any] = {"handler": args.handler}
+    if args.middleware:
+        route_keys["middleware"] = args.middleware
+    protocols = {
+        label: v
+        for label, v in PROTOCOLS.items()
+        if args.protocol == "both" or label == f"MQTT {args.protocol}"
+    }
 
     def on_term(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # run the finally blocks below
@@ -226,17 +264,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{repeats} repeats, medians (mosquitto pid {broker.pid}, port {broker.port})"
             )
             rows = []
-            for label, protocol in PROTOCOLS.items():
-                base, warm, total = [], [], []
+            for label, protocol in protocols.items():
+                base, warm, total, cpu = [], [], [], []
                 for rep in range(repeats):
                     tag = f"p{protocol}-r{rep}"
                     base.append(run_baseline(broker, protocol, n, tag))
-                    w_warm, w_total = run_worker(broker, Path(tmp), protocol, n, tag, live)
+                    w_warm, w_total, w_cpu = run_worker(
+                        broker, Path(tmp), protocol, n, tag, live, route_keys
+                    )
                     warm.append(w_warm)
                     total.append(w_total)
+                    cpu.append(w_cpu)
                     print(
                         f"  {label} run {rep + 1}: paho {base[-1]:8.0f} msg/s   "
-                        f"routemqd {w_warm:8.0f} msg/s ({w_total:.0f} incl. start-up)",
+                        f"routemqd {w_warm:8.0f} msg/s ({w_total:.0f} incl. start-up), "
+                        f"{w_cpu:.1f} us CPU/msg",
                         flush=True,
                     )
                 rows.append(
@@ -245,12 +287,19 @@ def main(argv: list[str] | None = None) -> int:
                         statistics.median(base),
                         statistics.median(warm),
                         statistics.median(total),
+                        statistics.median(cpu),
                     )
                 )
             print()
-            print(f"{'protocol':<11} {'paho msg/s':>11} {'routemqd msg/s':>15} {'ratio':>6}")
-            for label, b, w, t in rows:
-                print(f"{label:<11} {b:11.0f} {w:15.0f} {w / b:6.2f}   (incl. start-up {t:.0f})")
+            print(
+                f"{'protocol':<11} {'paho msg/s':>11} {'routemqd msg/s':>15} {'ratio':>6} "
+                f"{'us CPU/msg':>11}"
+            )
+            for label, b, w, t, c in rows:
+                print(
+                    f"{label:<11} {b:11.0f} {w:15.0f} {w / b:6.2f} {c:11.1f}"
+                    f"   (incl. start-up {t:.0f})"
+                )
         finally:
             for w in live:
                 w.close()

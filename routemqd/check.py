@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
+from routemqd.hooks import kind_problem
 from routemqd.manifest import Manifest, Route, Scaling
 from routemqd.plan import slots_for
 from routemqd.topics import filters_overlap
@@ -28,10 +29,19 @@ class HandlerReport:
     error: str = ""
     is_async: bool = False
     checked: bool = True
+    role: str = ""  # "" for a handler, else setup | teardown | middleware
+
+
+def probe_key(role: str, ref: str) -> str:
+    """How the child is asked about a callable, and how its answer is filed."""
+    return f"{role}={ref}" if role else ref
 
 
 def probe_handlers(manifest: Manifest, timeout: float = PROBE_TIMEOUT) -> dict[str, HandlerReport]:
-    refs = sorted({r.handler for r in manifest.routes})
+    """Import every handler and hook in one child; reports keyed by :func:`probe_key`."""
+    refs = sorted({r.handler for r in manifest.routes}) + sorted(
+        {probe_key(role, hook.ref) for r in manifest.routes for role, hook in r.hooks}
+    )
     env = dict(os.environ)
     env["ROUTEMQD_PYTHON_PATH"] = os.pathsep.join(manifest.python_path)
     try:
@@ -54,23 +64,64 @@ def probe_handlers(manifest: Manifest, timeout: float = PROBE_TIMEOUT) -> dict[s
             item = json.loads(line)
         except ValueError:
             continue
-        reports[item["ref"]] = HandlerReport(
+        role = item.get("role", "")
+        reports[probe_key(role, item["ref"])] = HandlerReport(
             ref=item["ref"],
             ok=item["ok"],
             error=item.get("error", ""),
             is_async=item.get("async", False),
+            role=role,
         )
     died = False
-    for ref in refs:
-        if ref in reports:
+    for key in refs:
+        if key in reports:
             continue
+        role, _, ref = key.rpartition("=")
         if not died:  # the child died while importing this one (os._exit, segfault, hang)
             died = True
             why = tail[0] if tail else "the import process died"
-            reports[ref] = HandlerReport(ref=ref, ok=False, error=f"handler {ref}: {why}")
+            error = f"{role or 'handler'} {ref}: {why}"
+            reports[key] = HandlerReport(ref=ref, ok=False, error=error, role=role)
         else:
-            reports[ref] = HandlerReport(ref=ref, ok=False, checked=False)
+            reports[key] = HandlerReport(ref=ref, ok=False, checked=False, role=role)
     return reports
+
+
+def hook_errors(manifest: Manifest, reports: dict[str, HandlerReport]) -> list[str]:
+    """One ``file:line: field: problem`` per unusable hook, including a kind that cannot work
+    with the route's handler (judged only once the handler itself imported)."""
+    errors: list[str] = []
+    for route in manifest.routes:
+        handler = reports.get(route.handler)
+        for role, hook in route.hooks:
+            rep = reports.get(probe_key(role, hook.ref))
+            if rep is None:
+                continue
+            if not rep.ok:
+                problem = rep.error if rep.checked else ""  # shown as "not checked" in the plan
+            elif handler is not None and handler.ok:
+                why = kind_problem(role, rep.is_async, handler.is_async)
+                where = f" (route {route.name})" if hook.field.startswith("defaults") else ""
+                problem = f"{role} {hook.ref}{where}: {why}" if why else ""
+            else:
+                problem = ""
+            text = f"{manifest.path}:{hook.line}: {hook.field}: {problem}"
+            if problem and text not in errors:  # a hook under defaults: serves many routes
+                errors.append(text)
+    return errors
+
+
+def _hook_status(route: Route, reports: dict[str, HandlerReport]) -> list[str]:
+    handler = reports.get(route.handler)
+    lines = []
+    for role, hook in route.hooks:
+        rep = reports.get(probe_key(role, hook.ref))
+        status = "ok" if rep is None or rep.ok else ("FAILED" if rep.checked else "not checked")
+        if rep is not None and rep.ok and handler is not None and handler.ok:
+            status = "FAILED" if kind_problem(role, rep.is_async, handler.is_async) else status
+        kind = " (async)" if rep is not None and rep.is_async else ""
+        lines.append(f"  {role:<11} {hook.ref}{kind}  [{status}]\n")
+    return lines
 
 
 def overlaps(manifest: Manifest) -> list[str]:
@@ -109,6 +160,8 @@ def render_plan(manifest: Manifest, handlers: dict[str, HandlerReport], out: Tex
         w(f"\nroute {r.name}  (line {r.line})\n")
         w(f"  topic       {r.topic.pattern}\n")
         w(f"  handler     {r.handler}{kind}  [{status}]\n")
+        for line in _hook_status(r, handlers):
+            w(line)
         w(f"  pool        {describe_pool(r)}\n")
         if r.scaling is not None:
             w(f"  scaling     {describe_scaling(r.scaling)}\n")
@@ -161,11 +214,14 @@ def run_check(manifest: Manifest, out: TextIO, err: TextIO) -> int:
         out.write("\nwarnings:\n")
         for text in warnings:
             out.write(f"  - {text}\n")
-    failed = [h for h in handlers.values() if not h.ok]
+    failed = [h for h in handlers.values() if not h.ok and not h.role]
     for h in failed:
         if h.checked:  # the unchecked ones show as "not checked" in the plan
             err.write(f"routemqd: {h.error}\n")
-    if failed:
+    bad_hooks = hook_errors(manifest, handlers)
+    for text in bad_hooks:
+        err.write(f"routemqd: {text}\n")
+    if failed or bad_hooks or any(not h.ok for h in handlers.values()):
         return 78
     out.write("\nmanifest ok\n")
     return 0

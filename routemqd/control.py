@@ -368,7 +368,8 @@ def render_status(reply: dict[str, Any]) -> str:
     )
     rows = [header]
     for s in reply["slots"]:
-        note = s.get("last_error") or s.get("last_reason") or ""
+        problem = "" if s["connected"] else s.get("broker_problem") or ""
+        note = s.get("last_error") or problem or s.get("last_reason") or ""
         rows.append(
             (
                 s["route"],

@@ -7,8 +7,9 @@ logs.
 
 A boot failure (the handler does not import, the broker refuses our credentials) will fail the
 same way on every restart, so the master parks the slot in ``failed`` at once instead of burning
-through its backoff schedule. Values stay clear of 1 (Python's generic error), 2 (argparse) and of
-128+N (killed by signal N as a shell reports it).
+through its backoff schedule. Values stay clear of 1 (Python's generic error), 2 (argparse), 9
+(the test suite's handlers ``os._exit(9)`` for a plain crash) and of 128+N (killed by signal N as
+a shell reports it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class ExitCode(IntEnum):
     SUBSCRIBE_REFUSED = 6
     TLS_FAILED = 7
     PARENT_GONE = 8
+    SETUP_FAILED = 11  # the route's setup hook raised or passed setup_timeout
+    TEARDOWN_TIMEOUT = 12  # teardown passed teardown_timeout; the work was done, the hook hung
     UNAVAILABLE = 69  # EX_UNAVAILABLE: a control command found no daemon
     CANT_CREATE = 73  # EX_CANTCREAT: another daemon holds the control socket or the pidfile
     NO_PERMISSION = 77  # EX_NOPERM: the control socket refused us
@@ -43,6 +46,7 @@ _BOOT_FAILURES = frozenset(
         ExitCode.BROKER_AUTH_REFUSED,
         ExitCode.SUBSCRIBE_REFUSED,
         ExitCode.TLS_FAILED,
+        ExitCode.SETUP_FAILED,
         ExitCode.CONFIG,
     }
 )

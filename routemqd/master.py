@@ -77,7 +77,12 @@ class Master:
         self.procs = ProcessTable(self.sel, self._child_main, clock, ops)
         self.table = SlotTable(self.procs, lambda: self.manifest.supervisor, random.Random())
         self.autoscaler = Autoscaler(self.table, host)
-        self.readiness = Readiness(self.notifier, watchdog_interval(), self.started)
+        self.readiness = Readiness(
+            self.notifier,
+            watchdog_interval(),
+            self.started,
+            manifest.supervisor.ready_timeout,
+        )
         self.next_health = 0.0
         self.shutting_down = False
         self.reload_requested = False
@@ -112,7 +117,10 @@ class Master:
         return self.table.counts()
 
     def status_summary(self) -> str:
-        return views.summary_line(*self.counts(), bool(self.last_reload["ok"]))
+        slots = self.table.slots.values()
+        return views.summary_line(
+            *self.counts(), bool(self.last_reload["ok"]), views.waiting_for(slots)
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return views.snapshot(self, self.clock())
@@ -344,6 +352,7 @@ class Master:
         changes = diff(self.table.current_specs(), slots_for(new, self.autoscaler.running()))
         old_supervisor = self.manifest.supervisor
         self.manifest = new
+        self.readiness.ready_timeout = new.supervisor.ready_timeout
         logsetup.set_secrets(new.secrets())
         if new.supervisor != old_supervisor:
             self.log.info("supervisor_settings_changed")
@@ -374,7 +383,8 @@ class Master:
         if not self.shutting_down:
             ready, startable, failed = self.counts()
             ok = bool(self.last_reload["ok"])
-            self.readiness.update(now, ready, startable, failed, ok, self._replacing())
+            waiting = views.waiting_for(self.table.slots.values()) if ready < startable else ""
+            self.readiness.update(now, ready, startable, failed, ok, self._replacing(), waiting)
 
     # ---------------------------------------------------------------------- child side
 

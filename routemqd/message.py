@@ -11,6 +11,7 @@ import json as _json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from routemqd import context as _context
 from routemqd.topics import TopicPattern
 
 
@@ -123,6 +124,13 @@ class Message:
         if self._props is None:
             self._props = _convert_properties(self._props_raw)
         return self._props
+
+    @property
+    def context(self) -> _context.WorkerContext:
+        """The worker's context: its route and slot, and the ``state`` its ``setup`` filled.
+
+        A class-level property over the process's one context, so deliveries carry nothing."""
+        return _context.current()
 
     @property
     def user_properties(self) -> list[tuple[str, str]]:

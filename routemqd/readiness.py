@@ -1,8 +1,10 @@
 """What systemd hears from the master: READY=1 once, STATUS= on change, WATCHDOG=1 on time.
 
-READY=1 goes out when every startable slot is ready (or after STARTUP_READY_TIMEOUT, so a broker
-that is down does not fail the unit's start), and again at the end of each reload, once the new
-workers are up: ``systemctl reload`` waits for it.
+READY=1 goes out when every startable slot is ready, and again at the end of each reload, once
+the new workers are up: ``systemctl reload`` waits for it. If they are not up after
+``supervisor.ready_timeout`` (the broker is down, say), READY=1 goes out anyway: failing the
+unit's start would only make systemd restart a daemon that reconnects by itself when the broker
+is back, and STATUS= says what the workers are waiting for.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from routemqd.views import summary_line
 
 log = structlog.get_logger("routemqd.master")
 
-STARTUP_READY_TIMEOUT = 30.0  # tell systemd READY even if the broker is not there yet
-
 
 class Readiness:
-    def __init__(self, notifier: Notifier, watchdog_every: float | None, started: float) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        watchdog_every: float | None,
+        started: float,
+        ready_timeout: float = 30.0,
+    ) -> None:
         self.notifier = notifier
+        self.ready_timeout = ready_timeout
         self.watchdog_every = watchdog_every
         self.started = started
         self.next_watchdog = 0.0
@@ -28,7 +35,7 @@ class Readiness:
         self.status_line = ""
 
     def reload_applied(self, now: float) -> None:
-        self.reload_ready_due = now + STARTUP_READY_TIMEOUT
+        self.reload_ready_due = now + self.ready_timeout
 
     def next_wake(self) -> list[float]:
         return [self.next_watchdog] if self.watchdog_every else []
@@ -41,11 +48,12 @@ class Readiness:
         failed: int,
         reload_ok: bool,
         replacing: bool,
+        waiting: str = "",
     ) -> None:
-        summary = summary_line(ready, startable, failed, reload_ok)
+        summary = summary_line(ready, startable, failed, reload_ok, waiting)
         log_ready = False
         if not self.ready_notified and (
-            ready >= startable or now - self.started > STARTUP_READY_TIMEOUT
+            ready >= startable or now - self.started > self.ready_timeout
         ):
             self.ready_notified = log_ready = True
             self.status_line = summary
@@ -64,7 +72,16 @@ class Readiness:
             self.next_watchdog = now + self.watchdog_every
         if log_ready:
             startup_ms = round((now - self.started) * 1000, 1)
-            log.info("master_ready", summary=summary, startup_ms=startup_ms)
+            if ready >= startable:
+                log.info("master_ready", summary=summary, startup_ms=startup_ms)
+            else:
+                log.warning(
+                    "master_ready",
+                    summary=summary,
+                    startup_ms=startup_ms,
+                    reason=f"not every worker was ready after ready_timeout "
+                    f"{self.ready_timeout:g}s",
+                )
 
 
 def set_title(title: str) -> None:

@@ -63,9 +63,36 @@ def counts(slots: Iterable[Slot]) -> tuple[int, int, int]:
     return ready, startable, failed
 
 
-def summary_line(ready: int, startable: int, failed: int, last_reload_ok: bool) -> str:
+def summary_line(
+    ready: int, startable: int, failed: int, last_reload_ok: bool, waiting: str = ""
+) -> str:
     line = f"{ready}/{startable} workers ready, {failed} failed"
-    return line if last_reload_ok else line + ", last reload failed"
+    if not last_reload_ok:
+        line += ", last reload failed"
+    if waiting and ready < startable:
+        line += f"; {waiting}"
+    return line
+
+
+def waiting_for(slots: Iterable[Slot]) -> str:
+    """Why workers that should serve do not: the first broker problem a heartbeat reported
+    (``broker 10.0.0.5:1883 unreachable: [Errno 111] Connection refused``), or ""."""
+    for slot in slots:
+        proc = slot.proc
+        if slot.retiring or slot.state in SERVING or proc is None:
+            continue
+        problem = proc.stats.get("broker_problem")
+        if problem:
+            return str(problem)
+    return ""
+
+
+def _connected(proc: Proc) -> bool:
+    """A worker reports ``ready`` only once subscribed, so until its first heartbeat says
+    otherwise a ready worker is connected."""
+    if "connected" in proc.stats:
+        return bool(proc.stats["connected"])
+    return proc.ready_at is not None
 
 
 def slot_view(slot: Slot, now: float) -> dict[str, Any]:
@@ -79,7 +106,8 @@ def slot_view(slot: Slot, now: float) -> dict[str, Any]:
         "state": slot.shown,
         "pid": proc.pid if proc else None,
         "client_id": slot.spec.client_id,
-        "connected": bool(stats.get("connected")) if proc else False,
+        "connected": _connected(proc) if proc else False,
+        "broker_problem": stats.get("broker_problem") or "",
         "uptime": round(now - proc.started_at, 1) if proc else None,
         "restarts": slot.restarts,
         "last_reason": slot.last_reason,

@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.broker import Broker
 from tests.support.processes import stop_tracked
+from tests.support.traffic import Publisher
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,6 +33,15 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield instance
     finally:
         instance.stop()
+
+
+@pytest.fixture
+def publishers() -> Iterator[list[Publisher]]:
+    """Publishers a test made (append them); each is closed at teardown."""
+    made: list[Publisher] = []
+    yield made
+    for p in made:
+        p.close()
 
 
 @pytest.fixture
@@ -85,3 +95,27 @@ def daemon_factory() -> Iterator[Callable[..., Any]]:
     finally:
         for d in started:
             d.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One private PostgreSQL for the session (initdb costs seconds); tests take a database each
+    through ``postgres_dsn``. Never the machine's own server."""
+    from tests.support.postgres import Postgres
+
+    server = Postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database on the session's server; its DSN."""
+    import re
+    import uuid
+
+    base = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    return str(postgres_server.create_database(f"t_{base}_{uuid.uuid4().hex[:8]}"))

@@ -70,6 +70,7 @@ class SupervisorConfig:
     failure_window: float = 60.0
     failed_cooldown: float = 60.0
     recycle_min_lifetime: float = 30.0
+    ready_timeout: float = 30.0  # READY=1 to systemd after this even if workers are not up
     stop_mode: str = "keep"  # keep: sessions wait for this host to return; retire: end them
 
 
@@ -93,6 +94,21 @@ class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
     file: str | None = None
+
+
+@dataclass(frozen=True)
+class HookRef:
+    """A ``package.module:function`` named by a ``setup``, ``teardown`` or ``middleware`` key.
+
+    It compares by ``ref`` alone: moving a line in the manifest changes no worker, changing the
+    function replaces the pool. ``line`` and ``field`` let ``check`` point at the exact entry."""
+
+    ref: str
+    line: int = field(default=0, compare=False)
+    field: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return self.ref
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,11 @@ class RouteSettings:
     dead_letter_topic: str | None = None
     max_attempts: int = 5
     group: str | None = None
+    setup: HookRef | None = None
+    teardown: HookRef | None = None
+    middleware: tuple[HookRef, ...] = ()
+    setup_timeout: float = 30.0
+    teardown_timeout: float = 10.0
     scaling: ScalingKnobs = ScalingKnobs()
 
 
@@ -158,8 +179,24 @@ class Route:
     handler_timeout: float | None
     dead_letter_topic: str | None
     max_attempts: int
+    setup: HookRef | None = None
+    teardown: HookRef | None = None
+    middleware: tuple[HookRef, ...] = ()  # outermost first
+    setup_timeout: float = 30.0
+    teardown_timeout: float = 10.0
     line: int = field(default=0, compare=False)
     scaling: Scaling | None = None  # None: a fixed pool of ``workers``; else ``workers`` == min
+
+    @property
+    def hooks(self) -> tuple[tuple[str, HookRef], ...]:
+        """Every hook with its role (``setup``, ``teardown``, ``middleware``), in manifest order."""
+        out: list[tuple[str, HookRef]] = []
+        if self.setup is not None:
+            out.append(("setup", self.setup))
+        if self.teardown is not None:
+            out.append(("teardown", self.teardown))
+        out.extend(("middleware", m) for m in self.middleware)
+        return tuple(out)
 
     @property
     def autoscaled(self) -> bool:

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from routemqd.manifest.model import Route, RouteSettings, Scaling, ScalingKnobs
-from routemqd.manifest.nodes import Ctx, Map, seq, setting
+from routemqd.manifest.model import HookRef, Route, RouteSettings, Scaling, ScalingKnobs
+from routemqd.manifest.nodes import Ctx, ManifestError, Map, plain, seq, setting
 from routemqd.manifest.values import (
     NAME_RE,
     as_bool,
@@ -46,7 +46,42 @@ _SETTING_CONVERTERS: dict[str, Callable[[Ctx, yaml.Node, str], Any]] = {
     "dead_letter_topic": lambda ctx, n, f: _topic_name(ctx, n, f),
     "max_attempts": int_between(1, 1000),
     "group": as_group,
+    "setup": lambda ctx, n, f: _opt_hook(ctx, n, f),
+    "teardown": lambda ctx, n, f: _opt_hook(ctx, n, f),
+    "middleware": lambda ctx, n, f: _middleware(ctx, n, f),
+    "setup_timeout": as_duration(0.1),
+    "teardown_timeout": as_duration(0.1),
 }
+
+
+def _callable_ref(ctx: Ctx, node: yaml.Node, fname: str) -> str:
+    ref = as_str(ctx, node, fname)
+    if not _HANDLER_RE.match(ref):
+        raise ctx.error(node, fname, f"expected 'package.module:function', got {ref!r}")
+    return ref
+
+
+def _hook(ctx: Ctx, node: yaml.Node, fname: str) -> HookRef:
+    return HookRef(_callable_ref(ctx, node, fname), node.start_mark.line + 1, fname)
+
+
+def _opt_hook(ctx: Ctx, node: yaml.Node, fname: str) -> HookRef | None:
+    """``null`` on a route switches off a hook set under ``defaults:``."""
+    return None if plain(ctx, node, fname) is None else _hook(ctx, node, fname)
+
+
+def _middleware(ctx: Ctx, node: yaml.Node, fname: str) -> tuple[HookRef, ...]:
+    """A route's list replaces the one under ``defaults:`` (``[]`` switches it off)."""
+    if isinstance(node, yaml.ScalarNode) and plain(ctx, node, fname) is None:
+        return ()
+    chain = tuple(_hook(ctx, item, f"{fname}[{i}]") for i, item in seq(ctx, node, fname))
+    seen: dict[str, int] = {}
+    for item in chain:
+        if item.ref in seen:
+            problem = f"{item.ref} is already in the chain (line {seen[item.ref]})"
+            raise ManifestError(ctx.path, item.line, item.field, problem)
+        seen[item.ref] = item.line
+    return chain
 
 
 def _topic_name(ctx: Ctx, node: yaml.Node, fname: str) -> str | None:
@@ -115,13 +150,7 @@ def _route(ctx: Ctx, node: yaml.Node, fname: str, defaults: RouteSettings, group
     handler_node = m.take("handler")
     if handler_node is None:
         raise ctx.error(node, f"{fname}.handler", "missing: every route needs a handler")
-    handler = as_str(ctx, handler_node, f"{fname}.handler")
-    if not _HANDLER_RE.match(handler):
-        raise ctx.error(
-            handler_node,
-            f"{fname}.handler",
-            f"expected 'package.module:function', got {handler!r}",
-        )
+    handler = _callable_ref(ctx, handler_node, f"{fname}.handler")
     name_node = m.take("name")
     if name_node is not None:
         name = as_str(ctx, name_node, f"{fname}.name")

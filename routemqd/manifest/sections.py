@@ -236,6 +236,7 @@ def _supervisor(ctx: Ctx, top: Map) -> SupervisorConfig:
         recycle_min_lifetime=setting(
             m, "recycle_min_lifetime", d.recycle_min_lifetime, as_duration(0)
         ),
+        ready_timeout=setting(m, "ready_timeout", d.ready_timeout, as_duration(0)),
         stop_mode=setting(m, "stop_mode", d.stop_mode, _stop_mode),
     )
     m.finish()

@@ -15,7 +15,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -23,6 +23,7 @@ import structlog
 from routemqd.board import InflightBoard
 from routemqd.exitcodes import ExitCode
 from routemqd.handlers import LoadedHandler
+from routemqd.middleware import Middleware
 from routemqd.plan import SlotSpec
 from routemqd.worker.delivery import Acknowledger
 from routemqd.worker.drivers import AsyncioDriver, Backoff, SelectDriver
@@ -51,7 +52,11 @@ class Consumer:
         log: Any,
         board: InflightBoard | None = None,
         attempts: Mapping[bytes, int] | None = None,
+        middleware: Sequence[Middleware] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """``loop``: the event loop an async route's setup already ran on (the worker owns and
+        closes it, so teardown can run on it after the socket thread ended); None makes one."""
         self.spec = spec
         self.route = spec.route
         self.handler = handler
@@ -59,6 +64,8 @@ class Consumer:
         self.log = log
         self.board = board
         self.attempts = attempts
+        self.middleware = tuple(middleware)
+        self.loop = loop
         self.link: Link | None = None
         self.acks: Acknowledger | None = None
         self.runner: InlineRunner | PoolRunner | AsyncRunner | None = None
@@ -93,7 +100,7 @@ class Consumer:
             self.host.boot_fail(ExitCode.TLS_FAILED, reason)
             return
         self.acks = acks = Acknowledger(link, self.route, self.log, self.board, self.attempts)
-        func = build_handler(self.handler)
+        func = build_handler(self.handler, self.middleware)
         try:
             link.connect()
         except ssl.SSLError as e:
@@ -135,7 +142,7 @@ class Consumer:
         structlog.contextvars.bind_contextvars(
             pool=self.route.name, slot=self.spec.index, pid=os.getpid()
         )
-        loop = asyncio.new_event_loop()
+        loop = self.loop or asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         acks = self.acks
         assert acks is not None
@@ -161,7 +168,8 @@ class Consumer:
         try:
             loop.run_until_complete(main())
         finally:
-            loop.close()
+            if self.loop is None:
+                loop.close()
 
     # ---------------------------------------------------------------- link observer
 

@@ -8,11 +8,19 @@ Threads, each with one job:
   notices a handler stuck past its deadline and reports its stack, and keeps the connection alive
   while a handler holds the socket thread (``Link.keep_alive_if_starved``).
 
+The route's hooks run on the main thread, with no socket thread alive: ``setup`` after the
+handler and hooks imported and before connecting (``_booted``: a setup that fails never
+subscribes, and a replacement that fails never displaces the worker it was to replace, since
+``warm`` follows it), ``teardown`` after the last PUBACK went out and the DISCONNECT was sent
+(``_drained``). An async route's event loop is made here so both run on the loop the handler
+runs on; it is closed after teardown.
+
 Exit codes are named in :mod:`routemqd.exitcodes`: the master tells a crash from a boot failure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -29,10 +37,12 @@ import structlog
 from routemqd import log as logsetup
 from routemqd import protocol
 from routemqd.board import InflightBoard
+from routemqd.context import WorkerContext, make_context
 from routemqd.exitcodes import ExitCode
 from routemqd.handlers import HandlerError, LoadedHandler, load_handler
+from routemqd.hooks import HookFailure, RouteHooks, load_route_hooks, run_setup, run_teardown
 from routemqd.plan import SlotSpec
-from routemqd.worker import stats
+from routemqd.worker import hookrun, stats
 from routemqd.worker.consumer import Consumer
 
 HEARTBEAT_INTERVAL = 1.0
@@ -78,6 +88,9 @@ class Worker:
             pool=spec.route.name, slot=spec.index, pid=os.getpid()
         )
         self.handler: LoadedHandler | None = None
+        self.hooks = RouteHooks()
+        self.context: WorkerContext | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # an async route's, from boot to exit
         self.consumer: Consumer | None = None
         self.boot_failure: tuple[ExitCode, str] | None = None
         self.stop_mode: str | None = None
@@ -96,8 +109,10 @@ class Worker:
 
     def main(self, hold: bool = False) -> int:
         self._install_signals()
+        self.context = make_context(self.spec)
         try:
             self.handler = load_handler(self.route.handler, self.spec.python_path)
+            self.hooks = load_route_hooks(self.route, self.spec.python_path, self.handler.is_async)
         except HandlerError as e:
             code = (
                 ExitCode.HANDLER_IMPORT_FAILED if e.kind == "import" else ExitCode.HANDLER_INVALID
@@ -105,18 +120,54 @@ class Worker:
             self.log.error("handler_unusable", reason=str(e), detail=e.detail or None)
             self._emit({"t": "boot_error", "code": int(code), "reason": str(e)})
             return int(code)
-        self._booted()
+        if self.handler.is_async:
+            self.loop = asyncio.new_event_loop()
+        failure = self._booted()
+        if failure is not None:
+            self._hook_failed(failure)
+            return int(failure.code)
         self._emit({"t": "warm"})
         self.connect_allowed = not hold
         return self._shutdown(self._serve())
 
-    def _booted(self) -> None:
-        """Booted, before connect: the handler is imported, nothing is subscribed yet. (The
-        place for a route's ``setup`` hook.)"""
+    def _booted(self) -> HookFailure | None:
+        """Booted, before connect: the handler and hooks are imported, nothing is subscribed.
+        Runs the route's ``setup``, heartbeating meanwhile: the master judges a silent worker
+        frozen after ``heartbeat_timeout``, and a slow setup is bounded by ``setup_timeout``
+        instead (its watchdog reports ``boot_error`` and ends the process)."""
+        if self.hooks.setup is None:
+            return None
+        assert self.context is not None
+        with hookrun.beating(self._heartbeat, _until_next_beat):
+            return run_setup(
+                self.hooks.setup,
+                self.context,
+                self.route.setup_timeout,
+                loop=self.loop,
+                on_timeout=self._hook_failed,
+            )
 
     def _drained(self) -> None:
-        """Drained, before disconnect: the last in-flight message is acknowledged. (The place
-        for a route's ``teardown`` hook.)"""
+        """Drained and disconnected: the last in-flight message was acknowledged, its PUBACK
+        written before the DISCONNECT, and no socket thread is left. Runs the route's
+        ``teardown`` (a hang past ``teardown_timeout`` ends the process with its own code; one
+        that raises is logged, and the stop is still clean), then closes an async route's loop."""
+        if self.hooks.teardown is not None:
+            assert self.context is not None
+            failure = run_teardown(
+                self.hooks.teardown,
+                self.context,
+                self.route.teardown_timeout,
+                loop=self.loop,
+                on_timeout=self._hook_failed,
+            )
+            if failure is not None:
+                self._hook_failed(failure)
+        if self.loop is not None and not self.loop.is_running():
+            self.loop.close()
+
+    def _hook_failed(self, failure: HookFailure) -> None:
+        hookrun.report(failure, self.log, self._emit)
 
     def _serve(self) -> str:
         """The main thread's loop: commands, signals, heartbeats, deadlines. Returns a stop mode."""
@@ -133,7 +184,14 @@ class Worker:
                 if self.connect_allowed and self.consumer is None:
                     assert self.handler is not None
                     self.consumer = Consumer(
-                        self.spec, self.handler, self, self.log, self.board, self.attempts
+                        self.spec,
+                        self.handler,
+                        self,
+                        self.log,
+                        self.board,
+                        self.attempts,
+                        middleware=[m.func for m in self.hooks.middleware],
+                        loop=self.loop,
                     )
                     self.consumer.start()
                     if self.boot_failure is not None:
@@ -264,6 +322,7 @@ class Worker:
                 "redelivered": c.redelivered if c is not None else 0,
                 "queued": c.runner.queued() if c is not None and c.runner is not None else 0,
                 "connected": c is not None and c.link is not None and c.link.connected,
+                "broker_problem": c.link.problem if c is not None and c.link is not None else "",
                 "busy_for": round(busy_for, 3),
                 "busy_topic": busy.busy_topic if busy is not None else "",
                 **stats.totals(self.states, now),
@@ -284,16 +343,16 @@ class Worker:
                 c.stopping = True
                 c.close(end_session=False, deadline=time.monotonic() + 1.0)
             return int(self.boot_failure[0])
-        if c is None or c.link is None:
-            return int(ExitCode.OK)
-        self.log.info("worker_stopping", mode=mode)
-        end_session = mode == protocol.STOP_RETIRE and c.retire(deadline)
-        c.accepting = False
-        c.drain(deadline)
-        self._drained()
-        c.stopping = True
-        c.close(end_session=end_session, deadline=deadline + 1.0)
-        self.log.info("worker_stopped", mode=mode, handled=sum(s.handled for s in self.states))
+        if c is not None and c.link is not None:
+            self.log.info("worker_stopping", mode=mode)
+            end_session = mode == protocol.STOP_RETIRE and c.retire(deadline)
+            c.accepting = False
+            c.drain(deadline)
+            c.stopping = True
+            c.close(end_session=end_session, deadline=deadline + 1.0)
+        self._drained()  # also when stopped before connecting: setup ran all the same
+        if c is not None and c.link is not None:
+            self.log.info("worker_stopped", mode=mode, handled=sum(s.handled for s in self.states))
         return int(ExitCode.OK)
 
 

@@ -144,6 +144,9 @@ class Link:
         self.retiring = False  # leaving the group: UNSUBSCRIBE on every connect instead
         self.closing = False
         self.max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
+        # Why the link is not connected, with the broker's address, for the heartbeat (so
+        # `routemqd status` and systemd's STATUS= can say why workers are not ready); "" when up.
+        self.problem = ""
         self.serviced_at = time.monotonic()  # the socket thread's last pass over the socket
         self.guard_pings = 0
         self._guard_pinged_at = 0.0
@@ -208,13 +211,22 @@ class Link:
                 self.client.connect(**self._connect_args())
             except ssl.SSLError:
                 raise
-            except OSError:
+            except OSError as e:
+                self._note_problem("unreachable", e)
                 self.client.connect_async(**self._connect_args())
                 raise
 
     def reconnect(self) -> None:
         with self.lock:
-            self.client.reconnect()
+            try:
+                self.client.reconnect()
+            except OSError as e:
+                self._note_problem("unreachable", e)
+                raise
+
+    def _note_problem(self, what: str, why: object) -> None:
+        b = self.spec.broker
+        self.problem = f"broker {b.host}:{b.port} {what}: {why}"
 
     # ----------------------------------------------------------------- socket primitives
 
@@ -399,9 +411,11 @@ class Link:
 
     def _on_connect(self, client: Any, _u: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
+            self._note_problem("refused the connection", rc)
             self.observer.on_refused(str(rc), rc.value in AUTH_REASONS)
             return
         self.connected = True
+        self.problem = ""
         self.max_packet = getattr(props, "MaximumPacketSize", None)
         self.observer.on_connected(bool(getattr(flags, "session_present", False)))
         if self.retiring:
@@ -427,6 +441,8 @@ class Link:
         was = self.connected
         self.connected = False
         if was:
+            if not self.closing:
+                self._note_problem("connection lost", rc)
             self.observer.on_disconnected(str(rc))
 
 

@@ -6,8 +6,8 @@
   read and hands it over as one batch (one wake-up per batch, not per message).
 - ``AsyncRunner`` (``async def``): coroutines on the event loop that also drives the socket.
 
-``build_handler`` is the one place the callable a runner calls is made (the place where a
-middleware chain will wrap it).
+``build_handler`` is the one place the callable a runner calls is made: the handler wrapped in
+its route's middleware chain, or the bare handler when the route has none.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
 from routemqd.handlers import LoadedHandler
+from routemqd.middleware import Middleware, build_chain
 from routemqd.worker.delivery import Acknowledger, Delivery
 from routemqd.worker.stats import RunnerState
 
@@ -30,9 +31,14 @@ QOS0_INBOX_LIMIT = 10_000  # QoS 0 has no flow control; past this we drop rather
 QOS0_INBOX_BYTES = 64 * 1024 * 1024  # ... and past this many payload bytes waiting
 
 
-def build_handler(loaded: LoadedHandler) -> Callable[[Any], Any]:
-    """The callable runners call with each Message."""
-    return loaded.func
+def build_handler(
+    loaded: LoadedHandler, middleware: Sequence[Middleware] = ()
+) -> Callable[[Any], Any]:
+    """The callable runners call with each Message, made once per worker. Without middleware it
+    is the handler function itself: the hot path has no extra call. An exception anywhere in the
+    chain reaches the runner like the handler's own, so it fails the message (logged,
+    dead-lettered, acknowledged)."""
+    return build_chain(loaded.func, middleware, loaded.is_async)
 
 
 def bind_log_context(pool: str, slot: int) -> None:

@@ -15,19 +15,24 @@ import time
 
 from routemqd.message import Message
 
-_fd: int | None = None
+_fds: dict[str, int] = {}
 _lock = threading.Lock()
 
 
-def _ledger_fd() -> int:
-    global _fd
-    if _fd is None:
+def append_fd(env: str) -> int:
+    """The O_APPEND descriptor of the file named by environment variable ``env``, opened once
+    per process (one write per line keeps lines whole across processes)."""
+    fd = _fds.get(env)
+    if fd is None:
         with _lock:
-            if _fd is None:
-                _fd = os.open(
-                    os.environ["ROUTEMQD_TEST_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                )
-    return _fd
+            fd = _fds.get(env)
+            if fd is None:
+                fd = _fds[env] = os.open(os.environ[env], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return fd
+
+
+def _ledger_fd() -> int:
+    return append_fd("ROUTEMQD_TEST_LEDGER")
 
 
 def _act(message: Message) -> str:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,6 @@ POLL = 0.005
 @pytest.fixture
 def ledger_path(tmp_path: Path) -> Path:
     return tmp_path / "ledger.txt"
-
-
-@pytest.fixture
-def publishers() -> Iterator[list[Publisher]]:
-    made: list[Publisher] = []
-    yield made
-    for p in made:
-        p.close()
 
 
 def publisher(

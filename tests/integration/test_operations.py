@@ -479,6 +479,65 @@ def test_control_commands_without_a_daemon(tmp_path: Path) -> None:
     assert "not running" in r.stderr
 
 
+def test_with_the_broker_down_ready_comes_after_ready_timeout_and_status_says_why(
+    broker_factory: Callable[..., Broker],
+    daemon_factory: DaemonFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    if len(os.fsencode(notify_path)) >= 108:
+        pytest.skip(f"tmp_path too long for an AF_UNIX address: {notify_path}")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    port = free_port()  # nothing listens here until the broker starts below
+    manifest = manifests.write(
+        tmp_path / "routemq.yaml",
+        port,
+        [manifests.route("late", "late/+")],
+        supervisor={"ready_timeout": "2s"},
+    )
+    where = f"broker 127.0.0.1:{port} unreachable"
+    listener = NotifyListener(notify_path)
+    try:
+        d = daemon_factory(
+            manifest,
+            env={
+                "NOTIFY_SOCKET": str(notify_path),
+                "ROUTEMQD_TEST_LEDGER": str(tmp_path / "ledger"),
+            },
+        )
+        msgs = listener.wait_for(lambda ms: any("READY" in m for m in ms), 30, "READY=1")
+        ready = msgs[index_of(msgs, "READY")]
+        assert ready["STATUS"].startswith(f"0/1 workers ready, 0 failed; {where}"), ready
+
+        row = wait_until(
+            lambda: next((s for s in d.status()["slots"] if s["broker_problem"]), None),
+            30,
+            "the slot row names the broker problem",
+        )
+        assert row["connected"] is False and where in row["broker_problem"]
+        text = cli("status", "--socket", d.socket)
+        assert text.returncode == 0 and where in text.stdout, text.stdout
+        assert [e for e in d.events("master_ready") if e.get("level") == "warning"]
+
+        broker_factory(port=port)
+        d.wait_ready()
+        row = wait_until(
+            lambda: next((s for s in d.status()["slots"] if s["connected"]), None),
+            30,
+            "the worker connected",
+        )
+        assert row["broker_problem"] == ""
+        listener.wait_for(
+            lambda ms: any(m.get("STATUS") == "1/1 workers ready, 0 failed" for m in ms),
+            30,
+            "STATUS 1/1 workers ready",
+        )
+        assert d.stop() == 0
+    finally:
+        listener.close()
+
+
 # -------------------------------------------------------------------------------- metrics
 
 

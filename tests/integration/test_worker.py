@@ -35,14 +35,6 @@ def workers() -> Iterator[list[WorkerProc]]:
         w.close()
 
 
-@pytest.fixture
-def publishers() -> Iterator[list[Publisher]]:
-    made: list[Publisher] = []
-    yield made
-    for p in made:
-        p.close()
-
-
 def start(
     workers: list[WorkerProc],
     manifest: Path,

@@ -118,6 +118,14 @@ def test_minimal_manifest_gets_every_default(tmp_path: Path) -> None:
     assert r.subscription == "a/b"
 
 
+def test_ready_timeout_defaults_to_30s_and_takes_a_duration(tmp_path: Path) -> None:
+    assert load_text(tmp_path, ONE_ROUTE).supervisor.ready_timeout == 30.0
+    m = load_text(tmp_path, "supervisor:\n  ready_timeout: 2m\n" + ONE_ROUTE)
+    assert m.supervisor.ready_timeout == 120.0
+    with pytest.raises(ManifestError, match=r"routemq.yaml:2: supervisor.ready_timeout"):
+        load_text(tmp_path, "supervisor:\n  ready_timeout: soon\n" + ONE_ROUTE)
+
+
 def test_worker_count_is_a_spelling_of_workers(tmp_path: Path) -> None:
     m = load_text(
         tmp_path,

@@ -18,10 +18,10 @@ from structlog.testing import capture_logs
 
 from routemqd import daemon
 from routemqd.exitcodes import ExitCode
-from routemqd.manifest import load
+from routemqd.manifest import SupervisorConfig, load
 from routemqd.master import Master
 from routemqd.procs import ProcessTable, describe_status, is_boot_failure
-from routemqd.readiness import STARTUP_READY_TIMEOUT, Readiness
+from routemqd.readiness import Readiness
 from routemqd.slots import State
 from tests.unit.fakes import Clock, exited
 
@@ -265,9 +265,23 @@ def test_ready_is_sent_once_then_status_on_change_and_after_each_reload() -> Non
 
 def test_ready_is_sent_after_the_startup_timeout_even_without_a_broker() -> None:
     n = FakeNotifier()
+    timeout = SupervisorConfig().ready_timeout
     r = Readiness(n, None, started=0.0)  # type: ignore[arg-type]
-    r.update(STARTUP_READY_TIMEOUT + 1, 0, 1, 0, True, False)
+    r.update(timeout + 1, 0, 1, 0, True, False)
     assert n.names() == ["ready"] and r.next_wake() == []
+
+
+def test_the_ready_timeout_is_the_manifests_and_status_says_what_workers_wait_for() -> None:
+    n = FakeNotifier()
+    r = Readiness(n, None, started=0.0, ready_timeout=5.0)  # type: ignore[arg-type]
+    waiting = "broker 127.0.0.1:1 unreachable: [Errno 111] Connection refused"
+    r.update(4.0, 0, 2, 0, True, False, waiting)
+    assert n.names() == ["status"]
+    assert n.sent[-1][1][0].endswith("; " + waiting)
+    r.update(5.5, 0, 2, 0, True, False, waiting)
+    assert n.names() == ["status", "ready"]
+    r.update(6.0, 2, 2, 0, True, False, "")
+    assert n.sent[-1][1][0] == "2/2 workers ready, 0 failed"
 
 
 # ------------------------------------------------------------------------------- daemon
