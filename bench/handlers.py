@@ -79,3 +79,10 @@ def sleep_10ms(message: Message) -> None:
 
 async def async_sleep_10ms(message: Message) -> None:
     await asyncio.sleep(0.01)
+
+
+def ledger_sleep_2ms(message: Message) -> None:
+    """An I/O-bound handler (2 ms of waiting, almost no CPU) that counts every id: the autoscale
+    case's load, where one worker tops out near 450 msg/s."""
+    time.sleep(0.002)
+    _ledger(message, b"v1")

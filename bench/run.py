@@ -24,6 +24,10 @@ Cases (100-byte payloads from ``bench/publisher.py`` for every consumer):
   are ready, longest gap between two handled messages, messages lost.
 - master cost: idle CPU and memory of the master with 8, 32 and 64 slots, time to all ready, and
   per-worker memory.
+- autoscale: a 2 ms handler, 50 msg/s then a step to 1,200 msg/s for 30 s, then silence, for a
+  pool of ``{min: 1, max: 4}`` against fixed pools of 1 and 4: time until the backlog stops
+  growing and messages per CPU-second (``bench/autoscale.py``; skipped until the daemon reports
+  pool sizes).
 
 ``--quick`` is a smoke run of about a minute; ``--repeat N`` sets the repeats of a full run.
 Targets that are missed are marked MISS; the run never fails because of a miss.
@@ -57,6 +61,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
+from bench.autoscale import section_autoscale, summary_rows  # noqa: E402
 from bench.infra import (  # noqa: E402
     Bench,
     BenchError,
@@ -122,7 +127,7 @@ QUICK_NOTE = (
     "its throughput numbers are a smoke test only.\n"
 )
 
-SECTIONS = ("throughput", "latency", "handlers", "recovery", "reload", "master")
+SECTIONS = ("throughput", "latency", "handlers", "recovery", "reload", "master", "autoscale")
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -953,6 +958,8 @@ def summarize(rec: Recorder, plan: Plan) -> list[Row]:
                 num(med(runs, "workers_cpu_pct"), 2),
             ),
         ]
+    autoscale = [r for r in rec.runs if r.get("case") == "autoscale"]
+    rows += [Row("autoscale", case, value) for case, value in summary_rows(autoscale)]
     return rows
 
 
@@ -1259,6 +1266,7 @@ def main(argv: list[str] | None = None) -> int:
         "recovery": section_recovery,
         "reload": section_reload,
         "master": section_master,
+        "autoscale": lambda b, p, r: section_autoscale(b, p.repeat, r.run),
     }
     try:
         bench.start()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from routemqd.hooks import kind_problem
-from routemqd.manifest import Manifest, Route
+from routemqd.manifest import Manifest, Route, Scaling
 from routemqd.plan import slots_for
 from routemqd.topics import filters_overlap
 
@@ -162,8 +162,9 @@ def render_plan(manifest: Manifest, handlers: dict[str, HandlerReport], out: Tex
         w(f"  handler     {r.handler}{kind}  [{status}]\n")
         for line in _hook_status(r, handlers):
             w(line)
-        pool = f"shared x{r.workers}, group {r.group}" if r.shared else "single ordered worker"
-        w(f"  pool        {pool}\n")
+        w(f"  pool        {describe_pool(r)}\n")
+        if r.scaling is not None:
+            w(f"  scaling     {describe_scaling(r.scaling)}\n")
         qos = f"{r.qos} (subscribed as 1)" if r.qos != r.subscribe_qos else str(r.qos)
         w(f"  subscribes  {r.subscription}  qos {qos}\n")
         w(
@@ -175,6 +176,28 @@ def render_plan(manifest: Manifest, handlers: dict[str, HandlerReport], out: Tex
         for (name, index), spec in slots.items():
             if name == r.name:
                 w(f"  slot {index:<3}    {spec.client_id}\n")
+        if r.scaling is not None and r.max_workers > r.min_workers:
+            hi = r.max_workers - 1
+            more = f"{r.min_workers}" if hi == r.min_workers else f"{r.min_workers}-{hi}"
+            w(f"  slot {more:<3}    added by the scaler under load, retired when it falls\n")
+
+
+def describe_pool(r: Route) -> str:
+    if not r.shared:
+        return "single ordered worker"
+    if r.scaling is None:
+        return f"shared x{r.workers}, group {r.group}"
+    s = r.scaling
+    return f"shared, autoscaled {s.min}..{s.max} workers (starts with {s.min}), group {r.group}"
+
+
+def describe_scaling(s: Scaling) -> str:
+    k = s.knobs
+    return (
+        f"up after {k.up_after:g}s at busy >= {k.busy_high:.0%} "
+        f"(host cpu below {k.host_cpu_max:.0%}), down after {k.down_after:g}s "
+        f"if busy over one fewer < {k.busy_low:.0%}"
+    )
 
 
 def run_check(manifest: Manifest, out: TextIO, err: TextIO) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 
 from routemqd.exitcodes import ExitCode
 from routemqd.manifest import DEFAULT_CONTROL_SOCKET, ControlConfig, ManifestError, load
+from routemqd.poolview import render_pools
 from routemqd.units import format_size
 
 MAX_REQUEST = 64 * 1024
@@ -346,6 +347,10 @@ def render_status(reply: dict[str, Any]) -> str:
             lines.append("needs a restart to apply: " + ", ".join(lr["restart_needed"]))
     elif not lr.get("ok", True):
         lines.append(f"last reload FAILED: {lr.get('error')}")
+    pools = render_pools(reply.get("pools") or ())
+    if pools:
+        lines.append("")
+        lines.extend(pools)
     header = (
         "ROUTE",
         "SLOT",

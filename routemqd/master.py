@@ -10,6 +10,8 @@ safe. Where things live:
 - :mod:`routemqd.slottable`: the slots, restarts, reload apply, reconcile (the only starter);
 - :mod:`routemqd.slots`, :mod:`routemqd.handoff`, :mod:`routemqd.restarts`: the state table, the
   rolling replace, the restart policy;
+- :mod:`routemqd.scaling`: the autoscaling pass once per health tick (policy in
+  :mod:`routemqd.scaler`), resizing pools through the slot table;
 - :mod:`routemqd.views`: status, counts and counter totals.
 
 The master never imports handler code, worker code or paho, and never talks MQTT (DESIGN
@@ -37,10 +39,12 @@ from routemqd.exitcodes import ExitCode
 from routemqd.manifest import Manifest, ManifestError, load
 from routemqd.notify import NOTIFY_ENV_VARS, Notifier, watchdog_interval
 from routemqd.plan import SlotSpec, diff, slots_for, summarize
+from routemqd.poolview import PoolView
 from routemqd.procs import ProcessTable
 from routemqd.protocol import Command, StopMode
 from routemqd.readiness import Readiness, set_title
 from routemqd.restart_needed import restart_needed
+from routemqd.scaling import Autoscaler, HostSampler, sample_host
 from routemqd.slots import Slot
 from routemqd.slottable import SlotTable
 
@@ -60,6 +64,7 @@ class Master:
         socket_path: str | None = None,
         clock: Any = time.monotonic,
         ops: Any = os,
+        host: HostSampler = sample_host,
     ) -> None:
         self.manifest = manifest
         self.boot_manifest = manifest  # what the control socket, metrics and logging came from
@@ -71,6 +76,7 @@ class Master:
         self.notifier = Notifier.from_env()
         self.procs = ProcessTable(self.sel, self._child_main, clock, ops)
         self.table = SlotTable(self.procs, lambda: self.manifest.supervisor, random.Random())
+        self.autoscaler = Autoscaler(self.table, host)
         self.readiness = Readiness(
             self.notifier,
             watchdog_interval(),
@@ -118,6 +124,9 @@ class Master:
 
     def snapshot(self) -> dict[str, Any]:
         return views.snapshot(self, self.clock())
+
+    def pool_views(self) -> list[PoolView]:
+        return self.autoscaler.views(self.manifest)
 
     # --------------------------------------------------------------------------- set-up
 
@@ -203,6 +212,7 @@ class Master:
                 self.dirty = True  # a backoff, stop deadline or watchdog timer is due
             if now >= self.next_health:
                 self.table.check_health(now)
+                self.scale(now)
                 self.next_health = now + self.manifest.supervisor.health_interval
                 self.dirty = True
         self.notifier.stopping()
@@ -220,6 +230,13 @@ class Master:
             self.reload()
         self._notify(now)
         return False
+
+    def scale(self, now: float) -> None:
+        """The autoscaling pass, right after psutil refreshed every worker's CPU. Not while the
+        daemon stops or retires its host: then every slot is on its way out."""
+        if self.shutting_down or self.draining or self.table.stopping:
+            return
+        self.autoscaler.run(self.manifest, now)
 
     def _next_timeout(self, now: float) -> float:
         wake = [now + MAX_LOOP_SLEEP, self.next_health, *self.table.next_wake(now)]
@@ -331,7 +348,8 @@ class Master:
             self.log.error("reload_failed", reason=str(e), action="kept every running pool")
             self.notifier.ready(self.status_summary())
             return
-        changes = diff(self.table.current_specs(), slots_for(new))
+        # An autoscaled pool keeps what it runs (held in the new range), not its initial size.
+        changes = diff(self.table.current_specs(), slots_for(new, self.autoscaler.running()))
         old_supervisor = self.manifest.supervisor
         self.manifest = new
         self.readiness.ready_timeout = new.supervisor.ready_timeout

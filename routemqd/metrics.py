@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from routemqd.manifest import MetricsConfig
+from routemqd.poolview import pool_metric_lines
 from routemqd.protocol import DURATION_BUCKETS
 from routemqd.slots import State
 from routemqd.views import OUTCOMES, totals
@@ -104,7 +105,6 @@ def render(master: Any) -> str:
         r = routes.setdefault(
             name,
             {
-                "desired": 0,
                 "up": 0,
                 "failed": 0,
                 "connected": 0,
@@ -115,8 +115,6 @@ def render(master: Any) -> str:
                 "sum": 0.0,
             },
         )
-        if not slot.retiring:
-            r["desired"] += 1
         proc = slot.proc
         stats = proc.stats if proc is not None else {}
         if proc is None and not slot.retiring and slot.state == State.FAILED:
@@ -168,7 +166,6 @@ def render(master: Any) -> str:
             labels = f'route="{_esc(name)}",reason="{_esc(reason)}"'
             out.append(f"routemqd_worker_restarts_total{{{labels}}} {n}")
     for metric, key, help_text in (
-        ("routemqd_workers_desired", "desired", "Slots the manifest asks for."),
         ("routemqd_workers_up", "up", "Workers subscribed and ready."),
         ("routemqd_workers_failed", "failed", "Slots parked in failed (crashed too often)."),
         ("routemqd_workers_connected", "connected", "Workers connected to the broker."),
@@ -177,6 +174,8 @@ def render(master: Any) -> str:
         family(metric, "gauge", help_text)
         for name, r in routes.items():
             out.append(f'{metric}{{route="{_esc(name)}"}} {r[key]}')
+    # desired, min and max per pool: the scaler's target for an autoscaled pool (one family each)
+    out.extend(pool_metric_lines(master.pool_views()))
     family("routemqd_up", "gauge", "1 while the master runs.")
     out.append("routemqd_up 1")
     with contextlib.suppress(Exception):

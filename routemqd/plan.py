@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from routemqd.manifest import BrokerConfig, Manifest, Route
@@ -58,23 +60,97 @@ def client_id(manifest: Manifest, route: Route, index: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)
 
 
-def slots_for(manifest: Manifest) -> dict[tuple[str, int], SlotSpec]:
-    """The desired slots, keyed by (route name, index), in manifest order."""
+def slot_spec(manifest: Manifest, route: Route, index: int) -> SlotSpec:
+    """One slot of a route. The scaler adds slots one index at a time with this."""
+    return SlotSpec(
+        route=route,
+        index=index,
+        client_id=client_id(manifest, route, index),
+        broker=manifest.broker,
+        python_path=manifest.python_path,
+        host_id=manifest.host_id,
+        graceful_timeout=manifest.supervisor.graceful_timeout,
+        manifest_path=manifest.path,
+    )
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """What the manifest says about one pool's size. A fixed pool has min == max == initial."""
+
+    route: str
+    min: int
+    max: int
+    autoscaled: bool
+
+    @property
+    def initial(self) -> int:
+        """A new autoscaled pool starts small: the scaler grows it once load shows it is needed."""
+        return self.min
+
+    def clamp(self, count: int) -> int:
+        return max(self.min, min(self.max, count))
+
+
+def pool_plan(route: Route) -> PoolPlan:
+    return PoolPlan(route.name, route.min_workers, route.max_workers, route.autoscaled)
+
+
+def pools_for(manifest: Manifest) -> dict[str, PoolPlan]:
+    return {r.name: pool_plan(r) for r in manifest.routes}
+
+
+def pool_size(route: Route, running: Mapping[str, int] | None = None) -> int:
+    """How many slots a pool should have: a fixed pool its number; an autoscaled pool what it runs
+    now (the scaler's target, passed in by the master) held inside the manifest's range, so a
+    reload that changes min or max keeps the slots that still fit and restarts none of them."""
+    plan = pool_plan(route)
+    if not plan.autoscaled:
+        return plan.min
+    current = (running or {}).get(route.name)
+    return plan.initial if current is None else plan.clamp(current)
+
+
+def slots_for(
+    manifest: Manifest, running: Mapping[str, int] | None = None
+) -> dict[tuple[str, int], SlotSpec]:
+    """The desired slots, keyed by (route name, index), in manifest order.
+
+    ``running`` maps an autoscaled route to the count it runs now (see ``pool_size``); without it
+    every pool gets its initial size, which is what startup and ``check`` want.
+    """
     out: dict[tuple[str, int], SlotSpec] = {}
     for route in manifest.routes:
-        for index in range(route.workers):
-            spec = SlotSpec(
-                route=route,
-                index=index,
-                client_id=client_id(manifest, route, index),
-                broker=manifest.broker,
-                python_path=manifest.python_path,
-                host_id=manifest.host_id,
-                graceful_timeout=manifest.supervisor.graceful_timeout,
-                manifest_path=manifest.path,
-            )
+        for index in range(pool_size(route, running)):
+            spec = slot_spec(manifest, route, index)
             out[spec.key] = spec
     return out
+
+
+def resize(
+    current: Mapping[tuple[str, int], SlotSpec], manifest: Manifest, route_name: str, target: int
+) -> list[Change]:
+    """The scaler's step as slot changes: start the lowest free indices, retire the highest.
+
+    Keeping indices dense (0..n-1) keeps client ids predictable, and retiring from the top means
+    slot 0, the one every pool has, is never the one removed. A retired index that comes back
+    later starts a fresh session: retiring ended the old one.
+    """
+    route = manifest.route(route_name)
+    held = sorted(i for (name, i) in current if name == route_name)
+    changes: list[Change] = []
+    if target > len(held):
+        taken = set(held)
+        free = (i for i in itertools.count() if i not in taken)
+        for _ in range(target - len(held)):
+            index = next(free)
+            spec = slot_spec(manifest, route, index)
+            changes.append(Change((route_name, index), "start", None, spec))
+    else:
+        for index in reversed(held[target:]):
+            key = (route_name, index)
+            changes.append(Change(key, "retire", current[key], None))
+    return changes
 
 
 @dataclass(frozen=True)
@@ -88,10 +164,12 @@ class Change:
 
 
 def runtime_view(spec: SlotSpec) -> SlotSpec:
-    """The part of a spec a running worker depends on. The pool size and the master's timeouts
-    are not: scaling a pool must not restart the slots it keeps."""
+    """The part of a spec a running worker depends on. The pool size, its range and scaling knobs,
+    and the master's timeouts are not: scaling a pool must not restart the slots it keeps."""
     return dataclasses.replace(
-        spec, route=dataclasses.replace(spec.route, workers=0), graceful_timeout=0.0
+        spec,
+        route=dataclasses.replace(spec.route, workers=0, scaling=None),
+        graceful_timeout=0.0,
     )
 
 

@@ -54,6 +54,7 @@ class Proc:
     connect_sent: bool = False
     last_heartbeat: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    stats_at: float | None = None  # when ``stats`` arrived: the scaler differences counters
     stop_mode: StopMode | None = None
     stop_reason: str = ""
     stop_deadline: float | None = None

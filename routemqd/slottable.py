@@ -7,8 +7,9 @@ the table of legal moves); the restart policy is :mod:`routemqd.restarts`, the r
 :mod:`routemqd.handoff`. Processes are reached only through ``procs`` (a
 :class:`routemqd.procs.ProcessTable`, or a fake in the unit tests).
 
-Pools change size through :meth:`add` and :meth:`retire` only, whoever asks: a reload today, an
-autoscaler later. A slot removed for good always retires (unsubscribe, drain, end the session).
+Pools change size through :meth:`add` and :meth:`retire` only, whoever asks: a reload, or the
+autoscaler (:mod:`routemqd.scaling`). A slot removed for good always retires (unsubscribe,
+drain, end the session).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class SlotTable:
         kind = event.get("t")
         if kind == Event.HEARTBEAT:
             proc.last_heartbeat = now
-            proc.stats = event
+            proc.stats, proc.stats_at = event, now
             if event.get("resolved"):
                 ledger = self.attempts.get(proc.spec.route.name)
                 if ledger is not None:

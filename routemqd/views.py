@@ -121,7 +121,7 @@ def slot_view(slot: Slot, now: float) -> dict[str, Any]:
 
 
 def snapshot(master: Any, now: float) -> dict[str, Any]:
-    """``routemqd status``: the daemon and every slot."""
+    """``routemqd status``: the daemon, every pool's size and every slot."""
     slots = list(master.table.slots.values())
     ready, startable, failed = counts(slots)
     return {
@@ -136,5 +136,6 @@ def snapshot(master: Any, now: float) -> dict[str, Any]:
             "failed": failed,
             "last_reload": master.last_reload,
         },
+        "pools": [v.as_json() for v in master.pool_views()],
         "slots": [slot_view(s, now) for s in slots],
     }

@@ -1,9 +1,9 @@
 """Test handlers that write every handled message to a ledger file, one line per message.
 
 The payload drives the behaviour so one handler serves many tests: ``<id>`` is recorded;
-``<id>:sleep=S`` sleeps first; ``<id>:raise`` raises; ``<id>:exit`` kills the worker
-(``os._exit``); ``<id>:block`` never returns. Lines are written with O_APPEND in one write, so
-several worker processes can share one ledger file safely.
+``<id>:sleep=S`` sleeps first; ``<id>:burn=S`` spends S seconds of CPU first; ``<id>:raise``
+raises; ``<id>:exit`` kills the worker (``os._exit``); ``<id>:block`` never returns. Lines are
+written with O_APPEND in one write, so several worker processes can share one ledger file safely.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ def _act(message: Message) -> str:
     ident, _, cmd = body.partition(":")
     if cmd.startswith("sleep="):
         time.sleep(float(cmd.split("=", 1)[1]))
+    elif cmd.startswith("burn="):
+        end = time.thread_time() + float(cmd.split("=", 1)[1])
+        while time.thread_time() < end:
+            pass
     elif cmd == "raise":
         raise ValueError(f"refusing message {ident}")
     elif cmd == "exit":

@@ -232,3 +232,40 @@ def test_missing_manifest_is_one_line_on_stderr(tmp_path: Path) -> None:
     proc = run_check(path)
     assert proc.returncode == 78
     assert proc.stderr.splitlines() == [f"routemqd: {path}: cannot read: No such file or directory"]
+
+
+def test_autoscaled_route_prints_its_range_and_knobs(tmp_path: Path) -> None:
+    write_module(tmp_path, "rmq_scaled", "def handle(message):\n    pass\n")
+    path = write_manifest(
+        tmp_path,
+        """\
+          - name: scaled
+            topic: a/+
+            handler: rmq_scaled:handle
+            shared: true
+            workers: {min: 1, max: 4}
+            scaling:
+              up_after: 3s
+              busy_low: 40%
+        """,
+    )
+    proc = run_check(path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "routes    1, slots 1" in out
+    assert "shared, autoscaled 1..4 workers (starts with 1), group routemq" in out
+    assert "up after 3s at busy >= 80% (host cpu below 85%), down after 60s" in out
+    assert "if busy over one fewer < 40%" in out
+    assert "slot 1-3    added by the scaler" in out
+    assert out.rstrip().endswith("manifest ok")
+
+
+def test_range_on_an_ordered_route_fails_naming_the_line(tmp_path: Path) -> None:
+    write_module(tmp_path, "rmq_scaled", "def handle(message):\n    pass\n")
+    path = write_manifest(
+        tmp_path, "  - topic: a/b\n    handler: rmq_scaled:handle\n    workers: {min: 1, max: 2}\n"
+    )
+    proc = run_check(path)
+    assert proc.returncode != 0
+    assert f"{path}:5: routes[0].workers: a range needs 'shared: true'" in proc.stderr
+    assert "cannot scale" in proc.stderr

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from routemqd.manifest import MetricsConfig
 from routemqd.metrics import MetricsServer, render
+from routemqd.poolview import PoolView
 from routemqd.protocol import DURATION_BUCKETS
 
 NB = len(DURATION_BUCKETS) + 1
@@ -70,6 +71,13 @@ class FakeMaster:
         )
         startable = sum(1 for s in self.slots.values() if not s.retiring) - self.failed
         return ready, startable, self.failed
+
+    def pool_views(self) -> list[PoolView]:
+        """Fixed pools, each as big as its slots that stay (what the master reports for them)."""
+        sizes: dict[str, int] = {}
+        for s in self.slots.values():
+            sizes[s.spec.route.name] = sizes.get(s.spec.route.name, 0) + (not s.retiring)
+        return [PoolView(name, False, n, n, n, 0) for name, n in sizes.items()]
 
 
 def sample_master() -> FakeMaster:
