@@ -30,6 +30,7 @@ class PoolView:
     actual: int
     reason: str | None = None  # the scaler's last reason (hold or step); None for a fixed pool
     load: float | None = None  # mean worker load behind that decision, 0..1
+    retiring: int = 0  # slots on their way out: unsubscribing and draining, session still held
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +40,7 @@ def pool_views(
     plans: Mapping[str, PoolPlan],
     actual: Mapping[str, int],
     decisions: Mapping[str, Decision | None],
+    retiring: Mapping[str, int] | None = None,
 ) -> list[PoolView]:
     """One view per pool, in manifest order. A pool without a decision yet wants its initial
     size (the master starts it there); a fixed pool always wants its number."""
@@ -56,6 +58,7 @@ def pool_views(
                 actual=actual.get(name, 0),
                 reason=decision.reason.value if decision is not None else None,
                 load=decision.measures.load if decision is not None else None,
+                retiring=(retiring or {}).get(name, 0),
             )
         )
     return views
@@ -63,7 +66,7 @@ def pool_views(
 
 def render_pools(pools: Iterable[Mapping[str, Any]]) -> list[str]:
     """The pool table of ``routemqd status``: lines, columns aligned, empty without pools."""
-    header = ("POOL", "SIZE", "MIN", "MAX", "DESIRED", "ACTUAL", "LOAD", "SCALER")
+    header = ("POOL", "SIZE", "MIN", "MAX", "DESIRED", "ACTUAL", "RETIRING", "LOAD", "SCALER")
     rows = [header]
     for p in pools:
         load = p.get("load")
@@ -75,6 +78,7 @@ def render_pools(pools: Iterable[Mapping[str, Any]]) -> list[str]:
                 str(p["max"]),
                 str(p["desired"]),
                 str(p["actual"]),
+                str(p.get("retiring", 0)),
                 f"{load:.0%}" if isinstance(load, int | float) else "-",
                 str(p.get("reason") or "-"),
             )

@@ -140,7 +140,11 @@ class Autoscaler:
         """Every pool's min, max, desired and actual size, and the scaler's last word on it."""
         actual = ready_by_pool(self.table.slots.values())
         decisions = {name: state.last for name, state in self.states.items()}
-        return pool_views(plan.pools_for(manifest), actual, decisions)
+        retiring: dict[str, int] = {}
+        for slot in self.table.slots.values():
+            if slot.retiring:
+                retiring[slot.pool] = retiring.get(slot.pool, 0) + 1
+        return pool_views(plan.pools_for(manifest), actual, decisions, retiring)
 
 
 def ready_by_pool(slots: Iterable[Slot]) -> Mapping[str, int]:

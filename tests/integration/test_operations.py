@@ -243,16 +243,22 @@ def index_of(msgs: list[dict[str, str]], key: str, start: int = 0) -> int:
 # ----------------------------------------------------------------------------- sd_notify
 
 
+@pytest.fixture
+def notify_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the daemon's NOTIFY_SOCKET points: a datagram socket the test plays systemd on."""
+    path = tmp_path / "notify.sock"
+    if len(os.fsencode(path)) >= 108:
+        pytest.skip(f"tmp_path too long for an AF_UNIX address: {path}")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    return path
+
+
 def test_sd_notify_lifecycle(
     broker: Broker,
     daemon_factory: DaemonFactory,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    notify_path: Path,
 ) -> None:
-    notify_path = tmp_path / "notify.sock"
-    if len(os.fsencode(notify_path)) >= 108:
-        pytest.skip(f"tmp_path too long for an AF_UNIX address: {notify_path}")
-    monkeypatch.delenv("WATCHDOG_PID", raising=False)
     manifest = write_manifest(
         tmp_path / "routemq.yaml", broker, [manifests.route("notes", "notify/notes/+")]
     )
@@ -483,12 +489,8 @@ def test_with_the_broker_down_ready_comes_after_ready_timeout_and_status_says_wh
     broker_factory: Callable[..., Broker],
     daemon_factory: DaemonFactory,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    notify_path: Path,
 ) -> None:
-    notify_path = tmp_path / "notify.sock"
-    if len(os.fsencode(notify_path)) >= 108:
-        pytest.skip(f"tmp_path too long for an AF_UNIX address: {notify_path}")
-    monkeypatch.delenv("WATCHDOG_PID", raising=False)
     port = free_port()  # nothing listens here until the broker starts below
     manifest = manifests.write(
         tmp_path / "routemq.yaml",

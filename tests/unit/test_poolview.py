@@ -55,19 +55,35 @@ def test_json_shape() -> None:
         "actual": 1,
         "reason": None,
         "load": None,
+        "retiring": 0,
     }
+
+
+def test_slots_on_their_way_out_are_counted_apart() -> None:
+    (view, *_) = pool_views(PLANS, {"sensors": 1}, {"sensors": a_decision(1)}, {"sensors": 2})
+    assert (view.actual, view.retiring) == (1, 2)
 
 
 def test_pool_table() -> None:
     pools = [
-        PoolView("sensors", True, 1, 4, 3, 2, "saturated", 0.91).as_json(),
+        PoolView("sensors", True, 1, 4, 3, 2, "saturated", 0.91, retiring=1).as_json(),
         PoolView("events", False, 1, 1, 1, 1).as_json(),
     ]
     lines = render_pools(pools)
     table = [re.split(r"\s{2,}", line.strip()) for line in lines]
-    assert table[0] == ["POOL", "SIZE", "MIN", "MAX", "DESIRED", "ACTUAL", "LOAD", "SCALER"]
-    assert table[1] == ["sensors", "auto", "1", "4", "3", "2", "91%", "saturated"]
-    assert table[2] == ["events", "fixed", "1", "1", "1", "1", "-", "-"]
+    assert table[0] == [
+        "POOL",
+        "SIZE",
+        "MIN",
+        "MAX",
+        "DESIRED",
+        "ACTUAL",
+        "RETIRING",
+        "LOAD",
+        "SCALER",
+    ]
+    assert table[1] == ["sensors", "auto", "1", "4", "3", "2", "1", "91%", "saturated"]
+    assert table[2] == ["events", "fixed", "1", "1", "1", "1", "0", "-", "-"]
     col = lines[0].index("DESIRED")
     assert lines[1][col] == "3" and lines[2][col] == "1"
     assert render_pools([]) == []
