@@ -15,6 +15,7 @@ from typing import Any
 
 from routemqd.exitcodes import ExitCode
 from routemqd.hooks import HookFailure
+from routemqd.protocol import Event
 
 
 def report(failure: HookFailure, log: Any, emit: Callable[[dict[str, Any]], None]) -> None:
@@ -22,7 +23,7 @@ def report(failure: HookFailure, log: Any, emit: Callable[[dict[str, Any]], None
     ``status`` (it parks the slot in ``failed``). May run on the watchdog's thread."""
     if failure.code is ExitCode.SETUP_FAILED:
         log.error("setup_failed", reason=failure.reason, detail=failure.detail or None)
-        emit({"t": "boot_error", "code": int(failure.code), "reason": failure.reason})
+        emit({"t": Event.BOOT_ERROR, "code": int(failure.code), "reason": failure.reason})
     else:
         event = "teardown_timeout" if failure.code else "teardown_failed"
         log.error(event, reason=failure.reason, detail=failure.detail or None)

@@ -42,6 +42,7 @@ from routemqd.exitcodes import ExitCode
 from routemqd.handlers import HandlerError, LoadedHandler, load_handler
 from routemqd.hooks import HookFailure, RouteHooks, load_route_hooks, run_setup, run_teardown
 from routemqd.plan import SlotSpec
+from routemqd.protocol import Command, Event, StopMode
 from routemqd.worker import hookrun, stats
 from routemqd.worker.consumer import Consumer
 
@@ -118,7 +119,7 @@ class Worker:
                 ExitCode.HANDLER_IMPORT_FAILED if e.kind == "import" else ExitCode.HANDLER_INVALID
             )
             self.log.error("handler_unusable", reason=str(e), detail=e.detail or None)
-            self._emit({"t": "boot_error", "code": int(code), "reason": str(e)})
+            self._emit({"t": Event.BOOT_ERROR, "code": int(code), "reason": str(e)})
             return int(code)
         if self.handler.is_async:
             self.loop = asyncio.new_event_loop()
@@ -126,7 +127,7 @@ class Worker:
         if failure is not None:
             self._hook_failed(failure)
             return int(failure.code)
-        self._emit({"t": "warm"})
+        self._emit({"t": Event.WARM})
         self.connect_allowed = not hold
         return self._shutdown(self._serve())
 
@@ -212,7 +213,7 @@ class Worker:
                 consumer = self.consumer
                 if consumer is not None and consumer.subscribed and not self.ready_sent:
                     self.ready_sent = True
-                    self._emit({"t": "ready"})
+                    self._emit({"t": Event.READY})
                     self.log.info("subscribed", filter=self.route.subscription)
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     self.log.warning("master_gone", reason="parent changed")
@@ -231,13 +232,14 @@ class Worker:
 
     def _command(self, cmd: dict[str, Any]) -> None:
         kind = cmd.get("cmd")
-        if kind == "connect":
+        if kind == Command.CONNECT:
             self.connect_allowed = True
-        elif kind == "reopen_logs":
+        elif kind == Command.REOPEN_LOGS:
             logsetup.sink().reopen()  # our copy of the log file, inherited through fork
-        elif kind == "stop":
+        elif kind == Command.STOP:
             mode = cmd.get("mode")
-            self.stop_mode = mode if mode in (protocol.STOP_KEEP, protocol.STOP_RETIRE) else "keep"
+            known = mode in (StopMode.KEEP, StopMode.RETIRE)
+            self.stop_mode = StopMode(mode) if known else StopMode.KEEP
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -276,7 +278,7 @@ class Worker:
         if self.boot_failure is None:
             self.boot_failure = (code, reason)
             self.log.error("worker_boot_failed", reason=reason, code=code.name.lower())
-            self._emit({"t": "boot_error", "code": int(code), "reason": reason})
+            self._emit({"t": Event.BOOT_ERROR, "code": int(code), "reason": reason})
         self.wake()
 
     # -------------------------------------------------------------------- reporting
@@ -304,7 +306,7 @@ class Worker:
             )
             self._emit(
                 {
-                    "t": "stuck",
+                    "t": Event.STUCK,
                     "topic": busy.busy_topic,
                     "busy_for": busy_for,
                     "stack": stack[-3000:],
@@ -316,7 +318,7 @@ class Worker:
         unacked = c.acks.unacked if c is not None and c.acks is not None else 0
         self._emit(
             {
-                "t": "hb",
+                "t": Event.HEARTBEAT,
                 "received": c.received if c is not None else 0,
                 "dropped": c.dropped if c is not None else 0,
                 "redelivered": c.redelivered if c is not None else 0,
