@@ -1,5 +1,6 @@
 # routemqd: `make run` starts the daemon with the example manifest, `make test` runs the tests.
-# Both install what they need (a virtualenv in .venv, and mosquitto via apt-get when root).
+# Both install what they need: the system packages first (scripts/system-deps: with apt-get when
+# root), then a virtualenv in .venv.
 
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -17,7 +18,10 @@ help:
 	@echo "make bench    benchmarks: routemqd vs a raw paho-mqtt consumer"
 	@echo "make lint     ruff"
 	@echo "make check    routemqd check -c $(MANIFEST)"
+	@echo "make install  the virtualenv in $(VENV) with routemqd and its test tools"
+	@echo "make system-deps  mosquitto, systemd-analyze, postgresql, python3-venv, promtool (apt-get as root)"
 	@echo "make install-systemd   install the unit, /etc/routemq.yaml and the routemqd user"
+	@echo "make clean    remove $(VENV), run/, the tool caches and *.egg-info"
 
 install: $(STAMP)
 
@@ -27,27 +31,32 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-# mosquitto (broker + clients) for the tests and `make run`; systemd-analyze for the unit test.
+# mosquitto + mosquitto-clients (the broker and mosquitto_pub), systemd (systemd-analyze, for the
+# unit-file test), postgresql (server binaries for the tests' private clusters), python3-venv
+# (ensurepip, for `python -m venv`) and promtool (taken out of Debian's prometheus package into
+# /var/cache/routemqd/bin, so no Prometheus server starts). The Debian packages start their own
+# broker on 1883 and PostgreSQL on 5432; the tests never use them. Listed before `install` in the
+# targets below, because make builds prerequisites left to right and the venv needs ensurepip.
 system-deps:
-	@scripts/system-deps
+	@PYTHON=$(PYTHON) scripts/system-deps
 
-run: install system-deps
+run: system-deps install
 	@scripts/run-local $(MANIFEST)
 
-test: install system-deps
+test: system-deps install
 	$(BIN)/pytest
 
-chaos: install system-deps
+chaos: system-deps install
 	$(BIN)/pytest -m slow -s tests/chaos
 
 # Boots Debian 12 with systemd as PID 1 (systemd-nspawn) and runs the README's service path. The
 # root file system is built once (debootstrap, a few minutes) and cached in $(SYSTEMD_TEST_CACHE).
 SYSTEMD_TEST_CACHE ?= /var/cache/routemqd/systemd-test
-systemd-test: install system-deps
+systemd-test: system-deps install
 	@scripts/systemd-test-rootfs $(SYSTEMD_TEST_CACHE)/bookworm
 	ROUTEMQD_SYSTEMD_TEST_CACHE=$(SYSTEMD_TEST_CACHE) $(BIN)/pytest -m systemd -v -s -p no:cacheprovider tests/systemd
 
-bench: install system-deps
+bench: system-deps install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
 
