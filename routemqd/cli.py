@@ -16,7 +16,6 @@ from routemqd.manifest import ManifestError, load
 from routemqd.signals import MASTER_SIGNALS
 
 DEFAULT_MANIFEST = "/etc/routemq.yaml"
-EX_UNAVAILABLE = 69
 
 _EPILOG = """\
 commands:

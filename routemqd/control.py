@@ -1,14 +1,15 @@
 """The local control socket: ``routemqd status | reload | restart | stop`` talk to the master here.
 
 One JSON request line, one JSON reply, then the connection closes: no sessions, no state, so the
-master serves it from its single loop. Only the daemon's own user (and root) may talk to it:
-the socket's mode says so, and on Linux the peer's credentials are checked as well, because a
+master serves it from its single loop. Root, the daemon's own user and, where the socket's mode
+admits it, members of the daemon's group may talk to it: the socket's mode says so, and on Linux
+the peer's credentials (uid, and groups through ``SO_PEERGROUPS``) are checked as well, because a
 socket created in a directory with looser permissions would otherwise be the only guard.
 
-The daemon's group may use the socket too when the manifest says ``control.mode: "0660"``, or when
-it says nothing and the socket's directory is closed to everyone else, as systemd's
-``/run/routemqd`` (0750, group routemqd) is: then the directory already admits only the group, and
-``routemqd status`` works for its members as the README shows.
+The group is admitted when the manifest says ``control.mode: "0660"``, or when it says nothing
+and the socket's directory is closed to everyone else, as systemd's ``/run/routemqd`` (0750,
+group routemqd) is: then the directory already admits only the group, and ``routemqd status``
+works for its members as the README shows. Anywhere else the default is 0600, owner only.
 """
 
 from __future__ import annotations

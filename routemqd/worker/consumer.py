@@ -31,7 +31,7 @@ from routemqd.worker.link import Link
 from routemqd.worker.runners import AsyncRunner, InlineRunner, PoolRunner, build_handler
 from routemqd.worker.stats import RunnerState
 
-RETIRE_IDLE = 0.5  # quiet time after UNSUBACK before ending the session (BROKER-FACTS)
+RETIRE_IDLE = 0.5  # quiet time after UNSUBACK before ending the session (docs/BROKER-FACTS.md)
 
 
 class Host(Protocol):

@@ -48,7 +48,6 @@ from routemqd.worker.consumer import Consumer
 
 HEARTBEAT_INTERVAL = 1.0
 IDLE_BEAT_AFTER = 0.1  # an extra heartbeat this long after the last message, once work stops
-RETIRE_IDLE = 0.5  # quiet time after UNSUBACK before ending the session (BROKER-FACTS)
 PR_SET_PDEATHSIG = 1
 BOOT_FAILURE = "boot_failure"
 

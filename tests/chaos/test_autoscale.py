@@ -1,4 +1,4 @@
-"""Autoscaling soaks for ``make chaos``: the issue's full scenario and a host with busy cores.
+"""Autoscaling soaks for ``make chaos``: the full load-step scenario and a host with busy cores.
 
 - 50 msg/s, a step to 1,200 msg/s for 30 s with a 2 ms handler, then silence, with the default
   cool-down shortened to 10 s: the pool grows until it keeps up, never beyond 4, shrinks back to
