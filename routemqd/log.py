@@ -96,6 +96,24 @@ def _redact_processor(logger: Any, name: str, event: MutableMapping[str, Any]) -
     return event
 
 
+_process_fields: dict[str, Any] = {}
+
+
+def set_process_fields(**fields: Any) -> None:
+    """Key-values every event of this process carries, from whichever thread logs it: a worker
+    sets ``pool``, ``slot`` and ``pid`` once, so a handler's own structlog events (on the socket
+    thread, a pool runner or the event loop) and its hooks' (on the main thread) name their slot.
+    Context variables would not do: a new thread starts with an empty context."""
+    _process_fields.clear()
+    _process_fields.update(fields)
+
+
+def _add_process_fields(logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+    for key, value in _process_fields.items():
+        event.setdefault(key, value)
+    return event
+
+
 def _event_first(logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
     """timestamp, level, event, then the key-values: what a person scans for comes first."""
     head = {k: event.pop(k) for k in ("timestamp", "level", "event") if k in event}
@@ -117,6 +135,7 @@ def configure(level: str = "info", fmt: str = "auto", file: str | None = None) -
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_process_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact_processor,

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
-
-import structlog
 
 from routemqd.board import InflightBoard
 from routemqd.exitcodes import ExitCode
@@ -125,7 +122,7 @@ class Consumer:
         if n == 1:
             self.runner = InlineRunner(func, acks)
         else:
-            self.runner = PoolRunner(func, acks, n, (self.route.name, self.spec.index))
+            self.runner = PoolRunner(func, acks, n)
         self.runner.start()
         runner = self.runner
 
@@ -139,9 +136,6 @@ class Consumer:
 
     def _async_main(self, ready: threading.Event) -> None:
         assert self.link is not None and isinstance(self.runner, AsyncRunner)
-        structlog.contextvars.bind_contextvars(
-            pool=self.route.name, slot=self.spec.index, pid=os.getpid()
-        )
         loop = self.loop or asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         acks = self.acks

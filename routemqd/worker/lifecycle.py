@@ -84,9 +84,9 @@ class Worker:
         self.parent_pid = parent_pid
         self.board = board
         self.attempts = attempts
-        self.log = structlog.get_logger("routemqd.worker").bind(
-            pool=spec.route.name, slot=spec.index, pid=os.getpid()
-        )
+        # every event of this process names its slot, whichever thread logs it (handlers too)
+        logsetup.set_process_fields(pool=spec.route.name, slot=spec.index, pid=os.getpid())
+        self.log = structlog.get_logger("routemqd.worker")
         self.handler: LoadedHandler | None = None
         self.hooks = RouteHooks()
         self.context: WorkerContext | None = None

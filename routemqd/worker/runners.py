@@ -13,14 +13,11 @@ its route's middleware chain, or the bare handler when the route has none.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import structlog
 
 from routemqd.handlers import LoadedHandler
 from routemqd.middleware import Middleware, build_chain
@@ -39,11 +36,6 @@ def build_handler(
     chain reaches the runner like the handler's own, so it fails the message (logged,
     dead-lettered, acknowledged)."""
     return build_chain(loaded.func, middleware, loaded.is_async)
-
-
-def bind_log_context(pool: str, slot: int) -> None:
-    """Handlers that log with structlog get pool/slot/pid on every event for free."""
-    structlog.contextvars.bind_contextvars(pool=pool, slot=slot, pid=os.getpid())
 
 
 class Qos0Budget:
@@ -126,13 +118,10 @@ _STOP = object()
 
 
 class PoolRunner:
-    def __init__(
-        self, func: Callable[[Any], Any], acks: Acknowledger, n: int, log_context: tuple[str, int]
-    ) -> None:
+    def __init__(self, func: Callable[[Any], Any], acks: Acknowledger, n: int) -> None:
         self.func = func
         self.acks = acks
         self.states = [RunnerState(cell=i) for i in range(n)]
-        self.log_context = log_context
         self.budget = Qos0Budget()
         self._batch: list[Any] = []
         self._inbox: deque[Any] = deque()
@@ -164,7 +153,6 @@ class PoolRunner:
         return len(self._inbox) + len(self._batch)
 
     def _run(self, state: RunnerState) -> None:
-        bind_log_context(*self.log_context)
         state.busy_thread = threading.get_ident()
         func, acks, inbox, cond = self.func, self.acks, self._inbox, self._cond
         while True:

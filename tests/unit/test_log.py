@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     finally:
         structlog.configure(**config)
         log._sink, log._secrets = sink, secrets
+        log.set_process_fields()
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -45,6 +47,19 @@ def test_secrets_are_hidden(capsys: pytest.CaptureFixture[str]) -> None:
     assert second["event"] == "<hidden> in the event name"
     assert third["error"] == "dsn=mqtt://u:<hidden>@host"
     assert "<hidden>" in third["extra"]
+
+
+def test_process_fields_reach_events_from_every_thread(capsys: pytest.CaptureFixture[str]) -> None:
+    log.configure("info", "json")
+    log.set_process_fields(pool="sensors", slot=2, pid=42)
+    t = threading.Thread(target=lambda: structlog.get_logger("h").info("from_thread", slot=9))
+    t.start()
+    t.join()
+    log.get().info("from_main")
+    thread_line, main_line = json_lines(capsys.readouterr().out)
+    # an event's own value wins over the process's
+    assert (thread_line["pool"], thread_line["slot"], thread_line["pid"]) == ("sensors", 9, 42)
+    assert (main_line["pool"], main_line["slot"]) == ("sensors", 2)
 
 
 def test_values_without_secrets_keep_their_type(capsys: pytest.CaptureFixture[str]) -> None:

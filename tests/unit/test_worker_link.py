@@ -200,7 +200,7 @@ def test_pool_hands_a_pass_over_as_one_batch(tmp_path: Path) -> None:
     class D(Raw):
         message = None
 
-    pool = PoolRunner(handler, Acks(), 2, ("r", 0))  # type: ignore[arg-type]
+    pool = PoolRunner(handler, Acks(), 2)  # type: ignore[arg-type]
     pool.start()
     for mid in (1, 2, 3):
         assert pool.submit(D(mid))
