@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 from routemqd.message import Message
@@ -39,6 +40,15 @@ def stamp(message: Message) -> None:
     the throughput cases time both systems the same way, to the message, not by heartbeats."""
     _stamp[0] += 1
     _stamp[1] = time.time()
+
+
+_stamp_lock = threading.Lock()
+
+
+def _stamp_shared(message: Message) -> None:
+    """``stamp`` for handlers that run on several threads (concurrency > 1)."""
+    with _stamp_lock:
+        stamp(message)
 
 
 def write_stamp(ctx: object) -> None:
@@ -71,14 +81,17 @@ def burn_1ms(message: Message) -> None:
     end = time.thread_time() + 0.001
     while time.thread_time() < end:
         pass
+    _stamp_shared(message)
 
 
 def sleep_10ms(message: Message) -> None:
     time.sleep(0.01)
+    _stamp_shared(message)
 
 
 async def async_sleep_10ms(message: Message) -> None:
     await asyncio.sleep(0.01)
+    stamp(message)  # one event loop thread
 
 
 def ledger_sleep_2ms(message: Message) -> None:

@@ -486,17 +486,17 @@ def handler_run(
     tag, rundir = bench.rundir("hc")
     topic = f"bench/{tag}"
     m = max(50, int(ideal * plan.handler_s))
-    r = route(tag, topic, handler, 1, shared=True, concurrency=concurrency)
+    r = route(tag, topic, handler, 1, shared=True, concurrency=concurrency, **STAMP)
     manifest = write_manifest(rundir / "m.yaml", bench.port, 5, [r])
     d = bench.daemon(manifest, rundir)
     d.wait_ready()
     pub = bench.publisher(rundir, topic, qos=1, count=m)
-    trace = poll_handled(d, lambda tr: tr.total >= m, 60 + 10 * m / ideal)
+    poll_handled(d, lambda tr: tr.total >= m, 60 + 10 * m / ideal)
     report = pub.finish(60)
     bench.release(pub)
     t0 = report["t_first"]
-    t_end = trace.end_time(t0)
     bench.stop_daemon(d)
+    t_end = max(last for _, last in stamped(rundir, m, "handlers").values())
     rate = m / (t_end - t0)
     return {"rate": rate, "ideal": ideal, "efficiency": rate / ideal, "messages": m}
 
