@@ -363,8 +363,9 @@ def _freeze_heap() -> None:
     """Everything imported and set up so far lives as long as the worker: move it out of the
     garbage collector's sight. A full collection otherwise walks paho, structlog, yaml, psutil
     and the handler's modules every few thousand messages, stalling the socket thread for tens
-    of milliseconds (the largest delays the latency benchmark saw)."""
-    gc.collect()
+    of milliseconds (the largest delays the latency benchmark saw). No collection first: it
+    would cost a restart ~15 ms, and the master froze what the worker inherited already
+    (``daemon.preload_worker_code``)."""
     gc.freeze()
 
 
