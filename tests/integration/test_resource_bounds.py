@@ -105,6 +105,17 @@ def kill_all(daemon: Daemon, pids: dict[int, int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def settled(daemon: Daemon, timeout: float = 10) -> Usage:
+    """The master's usage once every exit is reaped (and so logged): exactly POOL children and
+    no zombie. Measuring earlier counts a dead worker that is still on its way out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = usage(daemon.pid)
+        if (now.children == POOL and now.zombies == 0) or time.monotonic() >= deadline:
+            return now
+        time.sleep(0.05)
+
+
 def churn_by_sigkill(daemon: Daemon, restarts: int) -> float:
     started = time.monotonic()
     pids = ready_pids(daemon.status())
@@ -138,8 +149,7 @@ def sigkill_churn(
     churn_by_sigkill(daemon, WARM_UP)  # imports, caches and allocator pools settle first
     before = usage(daemon.pid)
     seconds = churn_by_sigkill(daemon, restarts)
-    time.sleep(0.5)  # let the last exits be reaped and logged
-    after = usage(daemon.pid)
+    after = settled(daemon)
     report("SIGKILL churn", restarts, seconds, before, after)
     check_flat(before, after)
     status = daemon.status()
@@ -182,8 +192,7 @@ def test_master_stays_flat_over_rolling_restarts(
     before = usage(daemon.pid)
     n = 10
     seconds = rounds(n)
-    time.sleep(0.5)
-    after = usage(daemon.pid)
+    after = settled(daemon)
     report("rolling restarts", n * POOL, seconds, before, after)
     check_flat(before, after)
     assert daemon.events("worker_died") == []  # every replacement was a clean hand-over
