@@ -48,15 +48,24 @@ from routemqd.worker import hookrun, stats
 from routemqd.worker.consumer import Consumer
 
 HEARTBEAT_INTERVAL = 1.0
+BEATS_PER_TIMEOUT = 4  # heartbeats a worker sends within its route's heartbeat_timeout, at least
 IDLE_BEAT_AFTER = 0.1  # an extra heartbeat this long after the last message, once work stops
 PR_SET_PDEATHSIG = 1
 BOOT_FAILURE = "boot_failure"
 
 
-def _until_next_beat() -> float:
+def beat_interval(heartbeat_timeout: float) -> float:
+    """Seconds between heartbeats. Once a second, unless the route's ``heartbeat_timeout`` is so
+    short that a second's beat would leave no slack: the master judges a worker frozen after that
+    much silence, so a healthy worker must beat several times within it, or a scheduling delay of
+    a few milliseconds gets it killed."""
+    return min(HEARTBEAT_INTERVAL, heartbeat_timeout / BEATS_PER_TIMEOUT)
+
+
+def until_next_beat(interval: float) -> float:
     """Seconds to the next wall-clock heartbeat tick. Every worker beats on the same tick, so the
     master reads a whole pool's heartbeats in one wake-up instead of one wake-up per worker."""
-    return HEARTBEAT_INTERVAL - (time.time() % HEARTBEAT_INTERVAL)
+    return interval - (time.time() % interval)
 
 
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
@@ -98,6 +107,7 @@ class Worker:
         self.connect_allowed = False
         self.ready_sent = False
         self._beat_received = 0  # ``received`` in the last heartbeat
+        self._beat_every = beat_interval(self.route.heartbeat_timeout)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -140,7 +150,7 @@ class Worker:
         if self.hooks.setup is None:
             return None
         assert self.context is not None
-        with hookrun.beating(self._heartbeat, _until_next_beat):
+        with hookrun.beating(self._heartbeat, self._until_next_beat):
             return run_setup(
                 self.hooks.setup,
                 self.context,
@@ -224,7 +234,7 @@ class Worker:
                     consumer.link.keep_alive_if_starved(now)
                 if now >= next_beat or self._went_idle(now):
                     self._heartbeat(now)
-                    next_beat = now + _until_next_beat()
+                    next_beat = now + self._until_next_beat()
         finally:
             sel.close()
         if self.boot_failure is not None:
@@ -295,6 +305,9 @@ class Worker:
             and all(s.busy_since is None for s in c.states)
             and (c.runner is None or c.runner.queued() == 0)
         )
+
+    def _until_next_beat(self) -> float:
+        return until_next_beat(self._beat_every)
 
     def _heartbeat(self, now: float) -> None:
         busy_for, busy = stats.busiest(self.states, now)
