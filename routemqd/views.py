@@ -88,8 +88,8 @@ def waiting_for(slots: Iterable[Slot]) -> str:
 
 
 def _connected(proc: Proc) -> bool:
-    """A worker reports ``ready`` only once subscribed, so until its first heartbeat says
-    otherwise a ready worker is connected."""
+    """A worker reports ``ready`` only once subscribed, so a ready worker counts as connected
+    until a later heartbeat says otherwise."""
     if "connected" in proc.stats:
         return bool(proc.stats["connected"])
     return proc.ready_at is not None

@@ -204,6 +204,11 @@ class Consumer:
         if not self.stopping and self.host.boot_failure is None:
             self.log.warning("disconnected", reason=reason)
 
+    def on_problem(self) -> None:
+        # the main thread heartbeats a changed problem at once: status and systemd's STATUS=
+        # say why the worker is not ready without waiting for the next tick
+        self.host.wake()
+
     def on_message(self, raw: Any) -> None:
         self.received += 1
         self.last_message_at = time.monotonic()

@@ -107,6 +107,7 @@ class Worker:
         self.connect_allowed = False
         self.ready_sent = False
         self._beat_received = 0  # ``received`` in the last heartbeat
+        self._beat_problem = ""  # the link's ``problem`` in the last heartbeat
         self._beat_every = beat_interval(self.route.heartbeat_timeout)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -226,13 +227,16 @@ class Worker:
                     self.ready_sent = True
                     self._emit({"t": Event.READY})
                     self.log.info("subscribed", filter=self.route.subscription)
+                    # the heartbeat sent before the CONNACK said "not connected": replace it now,
+                    # or status shows a ready worker as disconnected until the next tick
+                    self._heartbeat(time.monotonic())
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     self.log.warning("master_gone", reason="parent changed")
                     self.stop_mode = protocol.STOP_KEEP
                 now = time.monotonic()
                 if consumer is not None and consumer.link is not None:
                     consumer.link.keep_alive_if_starved(now)
-                if now >= next_beat or self._went_idle(now):
+                if now >= next_beat or self._went_idle(now) or self._problem_changed():
                     self._heartbeat(now)
                     next_beat = now + self._until_next_beat()
         finally:
@@ -247,6 +251,8 @@ class Worker:
             self.connect_allowed = True
         elif kind == Command.REOPEN_LOGS:
             logsetup.sink().reopen()  # our copy of the log file, inherited through fork
+            # in the new file, so whoever rotated it sees that this worker writes there now
+            self.log.info("log_reopened")
         elif kind == Command.STOP:
             mode = cmd.get("mode")
             known = mode in (StopMode.KEEP, StopMode.RETIRE)
@@ -306,6 +312,10 @@ class Worker:
             and (c.runner is None or c.runner.queued() == 0)
         )
 
+    def _problem_changed(self) -> bool:
+        c = self.consumer
+        return c is not None and c.link is not None and c.link.problem != self._beat_problem
+
     def _until_next_beat(self) -> float:
         return until_next_beat(self._beat_every)
 
@@ -328,6 +338,7 @@ class Worker:
             )
         c = self.consumer
         self._beat_received = c.received if c is not None else 0
+        self._beat_problem = c.link.problem if c is not None and c.link is not None else ""
         window = max(1, self.route.concurrency + self.route.prefetch)
         unacked = c.acks.unacked if c is not None and c.acks is not None else 0
         self._emit(

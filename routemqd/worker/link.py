@@ -57,6 +57,7 @@ class LinkObserver(Protocol):
     def on_unsubscribed(self) -> None: ...
     def on_disconnected(self, reason: str) -> None: ...
     def on_message(self, raw: Any) -> None: ...
+    def on_problem(self) -> None: ...
 
 
 class BufferedClient(mqtt.Client):
@@ -226,7 +227,10 @@ class Link:
 
     def _note_problem(self, what: str, why: object) -> None:
         b = self.spec.broker
-        self.problem = f"broker {b.host}:{b.port} {what}: {why}"
+        problem = f"broker {b.host}:{b.port} {what}: {why}"
+        if problem != self.problem:
+            self.problem = problem
+            self.observer.on_problem()
 
     # ----------------------------------------------------------------- socket primitives
 

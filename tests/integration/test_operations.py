@@ -496,7 +496,9 @@ def test_with_the_broker_down_ready_comes_after_ready_timeout_and_status_says_wh
         tmp_path / "routemq.yaml",
         port,
         [manifests.route("late", "late/+")],
-        supervisor={"ready_timeout": "2s"},
+        # long enough for the master's preload, the fork and the worker's first refused connect
+        # on a loaded host; READY still comes from this fallback, since the broker starts later
+        supervisor={"ready_timeout": "5s"},
     )
     where = f"broker 127.0.0.1:{port} unreachable"
     listener = NotifyListener(notify_path)
@@ -742,8 +744,13 @@ def test_sigusr1_reopens_the_log_file_in_workers(
     rotated = tmp_path / "routemqd.log.1"
     log_file.rename(rotated)
     d.signal(signal.SIGUSR1)
+    # the worker's own line: the master's says it asked, the worker's that it reopened
     wait_until(
-        lambda: any(e["event"] == "log_reopened" for e in _events(log_file)), 30, "log_reopened"
+        lambda: any(
+            e["event"] == "log_reopened" and e.get("pool") == "wlogs" for e in _events(log_file)
+        ),
+        30,
+        "the worker's log_reopened in the new file",
     )
     pub = Publisher(
         *broker.address, topic_for=lambda i: "wlogs/x", payload_for=lambda i: f"{i}:raise"
