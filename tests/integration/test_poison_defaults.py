@@ -24,7 +24,10 @@ from tests.support.traffic import Publisher, wait_handled
 
 AFTER = 30  # ordinary messages published after the poison one
 MAX_ATTEMPTS = 5  # the default
-HEARTBEAT_TIMEOUT = 1.0  # what a hang costs per attempt; the smallest the manifest allows
+STUCK_AFTER = 1.0  # handler_timeout: what a hang costs per attempt
+# Silence from a healthy worker this long would mean a frozen process: far above STUCK_AFTER, so
+# that only the hung handler is killed, never a healthy worker that a loaded host delayed.
+HEARTBEAT_TIMEOUT = 10.0
 
 
 @pytest.mark.parametrize("kind", ["crash", "hang"])
@@ -42,6 +45,7 @@ def test_poison_message_is_given_up_with_default_limits(
     if dead_letter:
         extra["dead_letter_topic"] = "dlq/p"
     if kind == "hang":
+        extra["handler_timeout"] = STUCK_AFTER
         extra["heartbeat_timeout"] = HEARTBEAT_TIMEOUT
     # the real cool-down and healthy_after, not the test helper's short ones: a parked slot
     # shows as a timeout, and a stuck worker does not live long enough to count as healthy
@@ -64,8 +68,8 @@ def test_poison_message_is_given_up_with_default_limits(
     started = time.monotonic()
     pub.publish_many(AFTER + 1)
     pub.wait_acked()
-    # crash: seconds; hang: one heartbeat_timeout (plus the health check and a restart) an attempt
-    bound = 30.0 if kind == "crash" else MAX_ATTEMPTS * (HEARTBEAT_TIMEOUT + 3.0) + 20.0
+    # crash: seconds; hang: one handler_timeout (plus the health check and a restart) an attempt
+    bound = 30.0 if kind == "crash" else MAX_ATTEMPTS * (STUCK_AFTER + 3.0) + 20.0
     missing = wait_handled(led, {str(i) for i in range(1, AFTER + 1)}, timeout=bound)
     assert not missing, f"{len(missing)} of {AFTER} later messages not handled: {daemon.log_tail()}"
     gave_up = daemon.wait_for(

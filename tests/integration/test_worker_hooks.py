@@ -180,7 +180,8 @@ def test_a_failing_setup_parks_only_its_pool_with_the_error_in_status(
                 "slow",
                 "slow/{n}",
                 setup=f"{H}:setup_slow",
-                heartbeat_timeout=1,
+                # under the setup's 3 s, with room for five workers booting on two busy cores
+                heartbeat_timeout=2,
                 setup_timeout=20,
                 handler=f"{H}:record",
             ),
