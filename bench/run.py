@@ -1008,7 +1008,13 @@ def text_table(rows: list[Row]) -> str:
 
 
 def charts(rec: Recorder, plan: Plan, out: Path) -> list[str]:
-    import matplotlib
+    """The PNG charts; none without matplotlib (``make bench`` installs it), rather than losing
+    a finished run's table and JSON to an ImportError at the very end."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no charts: matplotlib is not installed (pip install -e '.[bench]')", flush=True)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
