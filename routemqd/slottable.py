@@ -166,10 +166,6 @@ class SlotTable:
                     ledger.resolve([bytes.fromhex(d) for d in event["resolved"]])
         elif kind == Event.READY:
             proc.last_heartbeat = now
-            if "connected" in proc.stats:
-                # ready means subscribed, so connected: a heartbeat sent before the CONNACK no
-                # longer says how the link is (the worker beats again right after READY)
-                proc.stats = {**proc.stats, "connected": True, "broker_problem": ""}
             if proc.ready_at is None:
                 proc.ready_at = now
                 startup_ms = round((now - proc.started_at) * 1000, 1)

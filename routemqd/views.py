@@ -88,8 +88,9 @@ def waiting_for(slots: Iterable[Slot]) -> str:
 
 
 def _connected(proc: Proc) -> bool:
-    """A worker reports ``ready`` only once subscribed, so a ready worker counts as connected
-    until a later heartbeat says otherwise."""
+    """The last heartbeat says. A worker beats just before it reports ``ready``, so a ready
+    worker's last heartbeat is never one from before its CONNACK; with none yet, ready means
+    subscribed, so connected."""
     if "connected" in proc.stats:
         return bool(proc.stats["connected"])
     return proc.ready_at is not None

@@ -225,11 +225,11 @@ class Worker:
                 consumer = self.consumer
                 if consumer is not None and consumer.subscribed and not self.ready_sent:
                     self.ready_sent = True
+                    # beat first: the master then never holds a ready worker whose last
+                    # heartbeat is one from before the CONNACK, saying "not connected"
+                    self._heartbeat(time.monotonic())
                     self._emit({"t": Event.READY})
                     self.log.info("subscribed", filter=self.route.subscription)
-                    # the heartbeat sent before the CONNACK said "not connected": replace it now,
-                    # or status shows a ready worker as disconnected until the next tick
-                    self._heartbeat(time.monotonic())
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     self.log.warning("master_gone", reason="parent changed")
                     self.stop_mode = protocol.STOP_KEEP

@@ -12,7 +12,6 @@ from routemqd.exitcodes import ExitCode
 from routemqd.plan import diff, slots_for
 from routemqd.protocol import StopMode
 from routemqd.slots import State
-from routemqd.views import slot_view
 from tests.unit.fakes import SIGKILLED, Harness, exited, manifest
 
 POISON = b"p" * 16
@@ -27,21 +26,6 @@ def test_a_new_slot_starts_and_becomes_ready() -> None:
     assert proc.ready_at == h.now
     h.ready(proc)  # a second ready report changes nothing
     assert h.slot().state is State.READY
-
-
-def test_a_heartbeat_from_before_the_connack_does_not_outlive_ready() -> None:
-    """The first heartbeat goes out before the worker has connected; once it reports ready it
-    is subscribed, so status must not show it disconnected until its next heartbeat."""
-    h = Harness()
-    h.reconcile()
-    proc = h.slot().proc
-    h.event(proc, "hb", connected=False, broker_problem="broker 127.0.0.1:1 unreachable")
-    assert slot_view(h.slot(), h.now)["connected"] is False
-    h.ready(proc)
-    row = slot_view(h.slot(), h.now)
-    assert row["connected"] is True and row["broker_problem"] == ""
-    h.event(proc, "hb", connected=False, broker_problem="broker 127.0.0.1:1 connection lost")
-    assert slot_view(h.slot(), h.now)["connected"] is False
 
 
 def test_first_crash_restarts_at_once_then_backs_off_then_parks() -> None:

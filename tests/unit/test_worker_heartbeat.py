@@ -1,15 +1,26 @@
-"""The worker's heartbeat cadence against the master's frozen-worker rule."""
+"""When a worker heartbeats: its cadence against the master's frozen-worker rule, and the beats
+out of turn that keep `status` true to the link."""
 
 from __future__ import annotations
 
+import os
+import selectors
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from routemqd import log as logsetup
+from routemqd.protocol import Event, LineReader, StopMode
 from routemqd.worker.lifecycle import (
     BEATS_PER_TIMEOUT,
     HEARTBEAT_INTERVAL,
+    Worker,
     beat_interval,
     until_next_beat,
 )
+from tests.unit.test_worker_delivery import make_spec
 
 
 def test_default_timeout_beats_once_a_second() -> None:
@@ -27,3 +38,95 @@ def test_a_healthy_worker_beats_several_times_within_its_timeout(timeout: float)
 def test_next_tick_is_within_one_interval(interval: float) -> None:
     for _ in range(100):
         assert 0.0 < until_next_beat(interval) <= interval
+
+
+# ------------------------------------------------------------- beats out of turn (a real Worker)
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.connected = False
+        self.problem = ""
+
+    def keep_alive_if_starved(self, now: float) -> bool:
+        return False
+
+
+class FakeConsumer:
+    """What the main loop reads of a consumer; ``script`` plays one link change per loop pass
+    and stops the worker when it runs out."""
+
+    def __init__(self, worker: Worker, script: list[Callable[[FakeConsumer], None]]) -> None:
+        self.worker = worker
+        self.script = script
+        self.link = FakeLink()
+        self.received = self.dropped = self.redelivered = 0
+        self.last_message_at = 0.0
+        self.runner = None
+        self.acks = None
+        self.states: list[Any] = []
+        self.subscribed = False
+
+    def step(self) -> None:
+        if self.script:
+            self.script.pop(0)(self)
+            self.worker.wake()  # what the link does when its problem changes
+        else:
+            self.worker.stop_mode = StopMode.KEEP
+
+
+def _play(tmp_path: Path, script: list[Callable[[FakeConsumer], None]]) -> list[dict[str, Any]]:
+    """Run the worker's main loop over ``script`` and return what it told the master."""
+    r, w = os.pipe()
+    worker = Worker(make_spec(tmp_path), w)
+    consumer = FakeConsumer(worker, script)
+    worker.consumer = consumer  # type: ignore[assignment]
+    # one scripted change per pass: the change is made, then the loop looks at it
+    real_select = selectors.DefaultSelector.select
+
+    def select(self: Any, timeout: float | None = None) -> Any:
+        consumer.step()
+        return real_select(self, 0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(selectors.DefaultSelector, "select", select)
+        # the first tick beats at once, the next is an hour away: every later beat is out of turn
+        mp.setattr(worker, "_until_next_beat", lambda: 3600.0)
+        try:
+            worker._serve()
+        finally:
+            logsetup.set_process_fields()  # a Worker names its slot in every event of the process
+    os.close(w)
+    reader = LineReader(r)
+    os.set_blocking(r, False)
+    events = list(reader.read())
+    os.close(r)
+    return events
+
+
+def test_a_ready_worker_beats_connected_before_it_says_ready(tmp_path: Path) -> None:
+    """The master shows a slot's link from its last heartbeat: the one before READY must not be
+    one from before the CONNACK."""
+
+    def connect(c: FakeConsumer) -> None:
+        c.link.connected = True
+        c.subscribed = True
+
+    events = _play(tmp_path, [lambda c: None, connect])
+    kinds = [e["t"] for e in events]
+    ready = kinds.index(Event.READY)
+    assert events[0]["t"] == Event.HEARTBEAT and events[0]["connected"] is False
+    assert events[ready - 1]["t"] == Event.HEARTBEAT
+    assert events[ready - 1]["connected"] is True
+
+
+def test_a_changed_broker_problem_is_reported_at_once(tmp_path: Path) -> None:
+    problem = "broker 127.0.0.1:1 unreachable: [Errno 111] Connection refused"
+
+    def fail(c: FakeConsumer) -> None:
+        c.link.problem = problem
+
+    events = _play(tmp_path, [lambda c: None, fail, lambda c: None])
+    beats = [e for e in events if e["t"] == Event.HEARTBEAT]
+    # the first tick's beat had no problem yet; the only other beat, out of turn, has it
+    assert [b["broker_problem"] for b in beats] == ["", problem]
