@@ -33,6 +33,7 @@ from tests.support.daemon import Daemon
 from tests.support.traffic import client, published
 
 HEARTBEAT_TIMEOUT = 3
+ACK_GRACE = 60.0  # how long the publisher waits for PUBACKs once it has stopped
 DELAYED_AFTER = 10.0  # seconds from publish to handling that we report as delayed
 
 
@@ -97,7 +98,8 @@ class DeadLetters:
     """Collects the ids that reached the dead-letter topic."""
 
     def __init__(self, broker: Broker, topic: str) -> None:
-        self.ids: set[str] = set()
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()  # the client's thread adds while the report reads
         ready = threading.Event()
         self.client = client(*broker.address, client_id="chaos-dlq")
         self.client.on_message = self._on_message
@@ -112,7 +114,13 @@ class DeadLetters:
         assert ready.wait(10)
 
     def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
-        self.ids.add(m.payload.decode().partition(":")[0])
+        with self._lock:
+            self._ids.add(m.payload.decode().partition(":")[0])
+
+    @property
+    def ids(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._ids)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -140,22 +148,26 @@ class TimedPublisher:
 
     def _watch_acks(self) -> None:
         """Note when each PUBACK arrives (to 20 ms): a publish queued by the client while the
-        broker was down is accepted only after it came back, whenever publish() was called."""
-        while not self._stop.is_set() or self._unacked:
+        broker was down is accepted only after it came back, whenever publish() was called.
+        Once stopped it goes on until every publish is acked, or gives up after ACK_GRACE."""
+        give_up_at: float | None = None
+        while True:
             now = time.time()
             with self._lock:
                 pending, self._unacked = self._unacked, []
-            still = []
-            for i in pending:
-                if published(self.infos[i][2]):
-                    self.acked_at[i] = now
-                else:
-                    still.append(i)
+            acked = {i for i in pending if published(self.infos[i][2])}
             with self._lock:
-                self._unacked = still + self._unacked
+                self.acked_at.update(dict.fromkeys(acked, now))
+                self._unacked = [i for i in pending if i not in acked] + self._unacked
+                drained = not self._unacked
+            if self._stop.is_set():
+                if drained:
+                    return
+                if give_up_at is None:
+                    give_up_at = time.monotonic() + ACK_GRACE
+                elif time.monotonic() > give_up_at:
+                    return
             time.sleep(0.02)
-            if self._stop.is_set() and time.time() - now > 60:
-                return
 
     def _payload(self, i: int) -> str:
         r = self.rng.random()
@@ -192,12 +204,14 @@ class TimedPublisher:
         self._stop.set()
         self.thread.join(10)
 
-    def wait_acked(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(published(info) for _, _, info in self.infos):
-                return
-            time.sleep(0.1)
+    def wait_acked(self) -> None:
+        """Returns once the watcher has seen every PUBACK (or given up), so that the times it
+        noted no longer change while the report reads them."""
+        self.watcher.join(ACK_GRACE + 5)
+
+    def ack_times(self) -> dict[int, float]:
+        with self._lock:
+            return dict(self.acked_at)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -338,11 +352,11 @@ def run_soak(
         pub.stop()
         for pid in stopped:
             _signal(pid, signal.SIGCONT)
-    pub.wait_acked(60)
+    pub.wait_acked()
     # let the pool settle and drain what is queued
     daemon.wait_ready(timeout=90)
     acked = {ident: t for ident, t, info in pub.infos if published(info)}
-    ack_time = {pub.infos[i][0]: t for i, t in pub.acked_at.items()}
+    ack_time = {pub.infos[i][0]: t for i, t in pub.ack_times().items()}
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         handled = {e[0] for e in Ledger(ledger_path).entries()}
@@ -350,6 +364,7 @@ def run_soak(
             break
         time.sleep(0.5)
     entries = Ledger(ledger_path).entries()
+    dead_ids = dead.ids
     handled_at: dict[str, int] = {}
     counts: Counter[str] = Counter()
     for ident, _pid, _dup, t_ns, _tag in entries:
@@ -358,7 +373,7 @@ def run_soak(
     report.published = len(pub.infos)
     report.acked = len(acked)
     report.handled = len(set(acked) & set(handled_at))
-    report.dead_lettered = len(set(acked) & dead.ids)
+    report.dead_lettered = len(set(acked) & dead_ids)
     report.duplicates = sum(c - 1 for c in counts.values() if c > 1)
     for ident, t_pub in acked.items():
         if ident in handled_at:
@@ -366,7 +381,7 @@ def run_soak(
             report.max_delay = max(report.max_delay, delay)
             if delay > DELAYED_AFTER:
                 report.delayed += 1
-        elif ident not in dead.ids:
+        elif ident not in dead_ids:
             t_ack = ack_time.get(ident, t_pub)
             in_window = any(a <= t_pub <= b or a <= t_ack <= b for a, b in broker_windows)
             (report.lost_broker_window if in_window else report.lost_ours).append(ident)
