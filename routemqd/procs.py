@@ -43,8 +43,8 @@ class Proc:
     pid: int
     spec: SlotSpec
     started_at: float
-    status_fd: int
-    command_fd: int
+    status_fd: int  # -1 once closed
+    command_fd: int  # -1 once closed
     reader: LineReader
     ps: psutil.Process | None
     create_time: float
@@ -163,8 +163,8 @@ class ProcessTable:
             sigs.reset_in_child()
             keep = {status_w, command_r, 0, 1, 2}
             close = [*parent_ends, *self.close_in_child]
-            close += [p.status_fd for p in self.by_pid.values()]
-            close += [p.command_fd for p in self.by_pid.values()]
+            close += [p.status_fd for p in self.by_pid.values() if p.status_fd >= 0]
+            close += [p.command_fd for p in self.by_pid.values() if p.command_fd >= 0]
             with contextlib.suppress(Exception):
                 close.append(self.sel.fileno())  # type: ignore[attr-defined]
             for fd in close:
@@ -181,18 +181,26 @@ class ProcessTable:
 
     def read(self, proc: Proc) -> list[dict[str, Any]]:
         """What the worker wrote since the last call; closes its pipes at EOF."""
+        if proc.status_fd < 0:
+            return []  # closed at EOF: its number may already be another worker's pipe
         events = list(proc.reader.read())
         if proc.reader.eof:
             self.close_pipes(proc)
         return events
 
     def close_pipes(self, proc: Proc) -> None:
-        if self.by_fd.get(proc.status_fd) is proc:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(proc.status_fd)
-            del self.by_fd[proc.status_fd]
+        """Closes both pipes and forgets their numbers. A worker's status pipe reaches EOF as it
+        exits, which can be a loop pass before waitpid() reports it; a fork in between may get
+        the same descriptor number, and the reap must not read that pipe as this worker's last
+        words (it would swallow the new worker's READY)."""
+        if proc.status_fd >= 0:
+            if self.by_fd.get(proc.status_fd) is proc:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(proc.status_fd)
+                del self.by_fd[proc.status_fd]
             with contextlib.suppress(OSError):
                 os.close(proc.status_fd)
+            proc.status_fd = -1
         if proc.command_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(proc.command_fd)
@@ -238,7 +246,7 @@ class ProcessTable:
             if proc is None:
                 self.log.info("unknown_child_reaped", pid=pid, status=describe_status(status))
                 continue
-            last = self.read(proc) if proc.status_fd in self.by_fd else []
+            last = self.read(proc)
             self.close_pipes(proc)
             out.append((proc, status, last))
 

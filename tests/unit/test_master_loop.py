@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
@@ -227,6 +228,40 @@ def test_a_pid_we_cannot_verify_is_never_signalled(master: Any) -> None:
     events = master.procs.read(proc)  # the child never ran: EOF closes the pipes
     assert events == [] and proc.command_fd == -1
     assert not master.procs.command(proc, "stop")
+
+
+def test_a_reap_never_reads_a_pipe_whose_number_a_new_worker_got(
+    master: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dies: its pipe reaches EOF and is closed, but waitpid() does not report it yet. B is
+    forked meanwhile and gets A's descriptor number. Reaping A must leave B's READY to B."""
+    writers: list[int] = []
+    real_pipe = os.pipe
+
+    def pipe() -> tuple[int, int]:  # keep a write end, as the forked child would
+        r, w = real_pipe()
+        writers.append(os.dup(w))
+        return r, w
+
+    monkeypatch.setattr(os, "pipe", pipe)
+    spec = _specs(master)[0]
+    try:
+        a = master.procs.spawn(spec, False, {})
+        a_status_fd, a_status_w = a.status_fd, writers[0]
+        os.close(a_status_w)  # A exits
+        assert master.procs.read(a) == []
+        b = master.procs.spawn(spec, False, {})
+        assert b.status_fd == a_status_fd  # the kernel hands out the lowest free number
+        b_status_w = writers[2]
+        os.write(b_status_w, b'{"t": "ready"}\n')
+        master.ops.exits.append((a.pid, 9))
+        assert master.procs.reap() == [(a, 9, [])]
+        assert master.procs.by_fd[b.status_fd] is b
+        assert master.procs.read(b) == [{"t": "ready"}]
+    finally:
+        for fd in writers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def test_process_table_len_and_iteration() -> None:
