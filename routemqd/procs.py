@@ -61,6 +61,7 @@ class Proc:
     killed: bool = False
     boot_error: str = ""
     stuck_reported: bool = False  # killed by the master for being stuck or frozen
+    session_ended: bool = False  # it said so before exiting (a completed retire)
     cpu_high_since: float | None = None
     rss: int = 0
     cpu: float = 0.0

@@ -27,6 +27,7 @@ class Event(StrEnum):
     HEARTBEAT = "hb"
     STUCK = "stuck"
     BOOT_ERROR = "boot_error"
+    SESSION_ENDED = "session_ended"  # a retiring worker left the group and ended its session
 
 
 class Command(StrEnum):

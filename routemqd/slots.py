@@ -31,7 +31,8 @@ Transitions (the table below is the code's; DESIGN.md repeats it):
     BACKOFF     -> STARTING      the delay is over: fork
     FAILED      -> STARTING      the cool-down is over, or an operator asked for a restart
     (any but GONE) -> RETIRING   removed (reload, scale-down): unsubscribe, drain, end session
-    RETIRING    -> GONE          its workers have exited; the slot leaves the table
+    RETIRING    -> GONE          a worker ended its session and all have exited (one that
+                                 died mid-retire is followed by another on the same session)
 
 A replace is one sequence: ``READY -> WARMING -> DRAINING -> CONNECTING -> READY`` keeping the
 session (warm, drain, connect: never two live clients on one client id), or
@@ -129,6 +130,10 @@ class Slot:
     next_start_at: float = 0.0  # BACKOFF, FAILED: when to fork again
     counters_base: dict[str, Any] = field(default_factory=dict)  # totals of earlier workers
     restart_reasons: dict[str, int] = field(default_factory=dict)
+    # RETIRING: sessions (by client id) that no worker has ended yet, and how many workers
+    # were started to resume and end them
+    drain: dict[str, SlotSpec] = field(default_factory=dict)
+    drains: int = 0
 
     @property
     def key(self) -> tuple[str, int]:

@@ -74,6 +74,11 @@ class SlotTable:
         slot.change_state(State.RETIRING, now)
         slot.replace_reason = ""
         slot.next_spec = None
+        if not slot.live:
+            # parked, or not started yet: its session may hold the share the broker queued
+            # for it meanwhile, and only a worker can resume that session and end it
+            slot.drain[slot.spec.client_id] = slot.spec
+            slot.next_start_at = 0.0
 
     def _forget(self, slot: Slot, now: float) -> None:
         # RETIRING -> GONE
@@ -130,11 +135,64 @@ class SlotTable:
         return proc
 
     def _reconcile_retiring(self, slot: Slot, now: float) -> None:
+        """Stop its workers in retire mode. Once none is left, a session that none of them
+        ended (killed mid-drain, broker away, never started) gets a worker that resumes it,
+        handles what it holds and ends it; then the slot leaves the table."""
+        grace = self.supervisor.graceful_timeout
         for proc in slot.live:
             if proc.stop_mode is None:
-                self.stop(proc, StopMode.RETIRE, "retired", self.supervisor.graceful_timeout, now)
-        if not slot.live:
+                self.stop(proc, StopMode.RETIRE, "retired", grace, now)
+        if slot.live:
+            return
+        for client_id in [c for c in slot.drain if self._kept_by_another(slot, c)]:
+            del slot.drain[client_id]  # a slot that stays resumes this session itself
+        if not slot.drain:
             self._forget(slot, now)
+            return
+        if now < slot.next_start_at:
+            return
+        spec = next(iter(slot.drain.values()))
+        proc = self.spawn(slot, spec, hold=False)
+        if proc is None:
+            slot.next_start_at = now + FORK_RETRY
+            return
+        slot.proc = proc
+        self.log.warning("retire_resumed", **proc.label, client_id=spec.client_id)
+        self.stop(proc, StopMode.RETIRE, "retired", grace, now)
+
+    def _kept_by_another(self, slot: Slot, client_id: str) -> bool:
+        return any(
+            other is not slot
+            and not other.retiring
+            and (other.next_spec or other.spec).client_id == client_id
+            for other in self.slots.values()
+        )
+
+    def _note_session(self, slot: Slot, proc: Proc, status: int, now: float) -> None:
+        """A retiring slot's worker exited: either it ended its session, or another worker has
+        to resume that session (same client id) and end it, after a backoff if this keeps
+        happening. A worker that cannot even boot cannot drain: that is logged, not retried."""
+        client_id = proc.spec.client_id
+        if proc.session_ended:
+            slot.drain.pop(client_id, None)
+            return
+        if proc.held and not proc.connect_sent:
+            return  # never connected: the session is its predecessor's to end
+        code = os.waitstatus_to_exitcode(status)
+        if code > 0 and is_boot_failure(code):
+            slot.drain.pop(client_id, None)
+            self.log.error(
+                "retire_abandoned",
+                **proc.label,
+                client_id=client_id,
+                reason=proc.boot_error or describe_status(status),
+            )
+            return
+        slot.drain[client_id] = proc.spec
+        slot.drains += 1
+        sup = self.supervisor
+        delay = min(sup.backoff_max, sup.backoff_initial * 2 ** (slot.drains - 1))
+        slot.next_start_at = now + delay
 
     def _client_id_held(self, slot: Slot, client_id: str) -> bool:
         """Another slot's live worker uses this client id: a slot that was retired and has come
@@ -149,7 +207,11 @@ class SlotTable:
         return any(s.incoming is not None or s.replace_reason for s in self.slots.values())
 
     def next_wake(self, now: float) -> list[float]:
-        wake = [s.next_start_at for s in self.slots.values() if s.state in PARKED and not s.live]
+        wake = [
+            s.next_start_at
+            for s in self.slots.values()
+            if (s.state in PARKED or s.drain) and not s.live
+        ]
         wake += [p.stop_deadline for _, p in self.owner.values() if p.stop_deadline is not None]
         return wake
 
@@ -176,6 +238,8 @@ class SlotTable:
             proc.last_heartbeat = now
         elif kind == Event.BOOT_ERROR:
             proc.boot_error = str(event.get("reason", ""))
+        elif kind == Event.SESSION_ENDED:
+            proc.session_ended = True
         elif kind == Event.STUCK:
             self.log.error(
                 "worker_stuck",
@@ -206,11 +270,16 @@ class SlotTable:
         views.bank(slot, proc)
         charged = False
         if proc.board is not None:
-            if not expected:
+            # asked to stop, yet it died on its own (a crash, or a kill from outside): the
+            # messages in its hands count too, or a drain could meet the same poison forever
+            died = status != 0 and not proc.killed
+            if not expected or died:
                 charged = self._count_attempts(proc)
             proc.board.close()
             proc.board = None
         fields = dict(**proc.label, exit=what, lived_s=round(now - proc.started_at, 3))
+        if slot.retiring:
+            self._note_session(slot, proc, status, now)
         if proc is slot.incoming:
             slot.incoming = None
             if expected:
@@ -231,7 +300,8 @@ class SlotTable:
         if self.stopping:
             return
         if slot.state is State.RETIRING:
-            self._forget(slot, now)
+            if not slot.live and not slot.drain:
+                self._forget(slot, now)
         elif slot.incoming is not None:
             handoff.promote(self, slot, now)
         elif expected:

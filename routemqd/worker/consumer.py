@@ -278,10 +278,11 @@ class Consumer:
         while time.monotonic() < deadline and runner is not None and not self.idle():
             time.sleep(0.02)
 
-    def close(self, end_session: bool, deadline: float) -> None:
+    def close(self, end_session: bool, deadline: float) -> bool:
+        """Disconnect; True when the session was ended on the broker (asked, and connected)."""
         link = self.link
         if link is None:
-            return
+            return False
         connected = link.connected
         link.close(end_session=end_session)
         thread = self.async_thread or (
@@ -290,7 +291,11 @@ class Consumer:
         if thread is not None:
             thread.join(max(0.1, deadline - time.monotonic()))
         link.drop()
-        if connected and end_session and self.spec.broker.protocol != 5:
+        if not (connected and end_session):
+            return False
+        if self.spec.broker.protocol != 5:
             failed = link.end_session_311()
             if failed is not None:
                 self.log.warning("session_not_ended", reason=failed)
+                return False
+        return True

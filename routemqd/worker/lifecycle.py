@@ -376,7 +376,10 @@ class Worker:
             c.accepting = False
             c.drain(deadline)
             c.stopping = True
-            c.close(end_session=end_session, deadline=deadline + 1.0)
+            if c.close(end_session=end_session, deadline=deadline + 1.0):
+                # the master forgets a retired slot only once its session is gone; without
+                # this word it starts another worker to resume the session and retire it
+                self._emit({"t": Event.SESSION_ENDED})
         self._drained()  # also when stopped before connecting: setup ran all the same
         if c is not None and c.link is not None:
             self.log.info("worker_stopped", mode=mode, handled=sum(s.handled for s in self.states))

@@ -8,6 +8,7 @@ is bounded; every process is stopped by the PID that started it.
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import signal
 import subprocess
@@ -758,3 +759,39 @@ def test_reload_that_fixes_a_failed_slot_starts_it_at_once(rig: Rig) -> None:
     report("failed slot fixed by reload", acked, missing, dups)
     assert_no_loss(acked, missing)
     assert {e.tag for e in ledger.read(rig.ledger) if e.topic.startswith("s/")} == {"v2"}
+
+
+def test_a_retiring_worker_killed_mid_drain_is_drained_by_another(rig: Rig) -> None:
+    """Scale 2 -> 1 with a backlog, then SIGKILL the retiring worker while it still holds
+    messages: its session must not be stranded. A new worker resumes it and retires it again."""
+    m = rig.write([pool("s", 2, handler="tests.handlers.ledger:record")])
+    ids = client_ids(m)
+    d = rig.start()
+    pub = Publisher(
+        *rig.broker.address,
+        topic_for=lambda i: f"s/{i % 7}",
+        payload_for=lambda i: f"{i}:sleep=0.02",
+    )
+    rig.publishers.append(pub)
+    pub.publish_many(400)  # about 4 s of work for each worker
+    pub.wait_acked(30)
+    d.wait_for(
+        lambda s: any(x["handled"] > 0 for x in s["slots"] if x["index"] == 1),
+        30,
+        "slot 1 is handling",
+    )
+
+    rig.write([pool("s", 1, handler="tests.handlers.ledger:record")])
+    status = d.reload()
+    retiring = [x for x in status["slots"] if x["index"] == 1 and x["state"] == "retiring"]
+    assert retiring and retiring[0]["pid"], status["slots"]
+    victim = retiring[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+
+    status = d.wait_for(layout_is({"s": 1}), 60, "scaled down to 1")
+    acked, missing, dups = finish(rig, [pub])
+    report("retiring worker killed", acked, missing, dups)
+    assert_no_loss(acked, missing)
+    resumed = [e for e in d.events("retire_resumed") if e.get("slot") == 1]
+    assert resumed and resumed[0]["client_id"] == ids[("s", 1)]
+    assert not session_present(*rig.broker.address, ids[("s", 1)]), "slot 1 left a session"

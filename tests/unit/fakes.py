@@ -138,6 +138,11 @@ class Harness:
     def exit(self, proc: Proc, status: int = exited(1)) -> None:
         self.table.on_exit(proc, status, self.now)
 
+    def retired(self, proc: Proc) -> None:
+        """A retiring worker that left the group, ended its session and exited."""
+        self.event(proc, "session_ended")
+        self.exit(proc, 0)
+
     def start_ready(self, route: str = "r", index: int = 0) -> Proc:
         self.reconcile()
         proc = self.slot(route, index).proc

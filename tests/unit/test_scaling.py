@@ -209,7 +209,7 @@ def test_silence_retires_the_highest_slot_which_then_leaves_the_table() -> None:
     p.h.reconcile()  # the retire path: stop in retire mode (unsubscribe, drain, end session)
     proc = retiring.proc
     assert p.h.procs.sent(proc)[-1] == ("stop", {"mode": StopMode.RETIRE})
-    p.h.exit(proc, exited(0))
+    p.h.retired(proc)
     assert ("r", 2) not in p.h.table.slots and retiring.state is State.GONE
 
 

@@ -259,10 +259,124 @@ def test_a_removed_route_retires_then_leaves_the_table() -> None:
     assert h.slot().state is State.RETIRING
     assert h.procs.sent(proc) == [("stop", {"mode": StopMode.RETIRE})]
     with capture_logs() as logs:
-        h.exit(proc, exited(0))
+        h.retired(proc)
     assert ("r", 0) not in h.table.slots
     assert "slot_retired" in [e["event"] for e in logs]
     assert h.table.slots[("other", 0)].state is State.STARTING
+
+
+def removed(h: Harness) -> None:
+    """A reload that removes route r."""
+    h.manifest = manifest([{"name": "other", "topic": "o/{n}", "handler": "m:f"}])
+    h.table.apply(diff(h.table.current_specs(), slots_for(h.manifest)), h.now)
+
+
+def test_a_retiring_worker_killed_mid_drain_has_its_session_resumed_and_ended() -> None:
+    h = Harness()
+    proc = h.start_ready()
+    client_id = proc.spec.client_id
+    removed(h)
+    h.reconcile()
+    proc.board.set(0, POISON)  # type: ignore[union-attr]
+    h.exit(proc, SIGKILLED)  # killed from outside while it drained
+    slot = h.slot()
+    assert slot.state is State.RETIRING and list(slot.drain) == [client_id]
+    assert h.table.attempts["r"].snapshot() == {POISON: 1}, "the message it held is charged"
+    h.clock.advance(0.1)  # backoff_initial
+    with capture_logs() as logs:
+        h.reconcile()
+    drainer = slot.proc
+    assert drainer is not None and drainer.spec.client_id == client_id
+    assert h.procs.sent(drainer) == [("stop", {"mode": StopMode.RETIRE})]
+    assert [e["event"] for e in logs] == ["retire_resumed"]
+    h.retired(drainer)
+    assert ("r", 0) not in h.table.slots and slot.state is State.GONE
+
+
+def test_a_retire_that_could_not_end_its_session_is_retried_with_backoff() -> None:
+    h = Harness()
+    proc = h.start_ready()
+    removed(h)
+    h.reconcile()
+    h.exit(proc, 0)  # the broker was away: it kept the session (retire_incomplete)
+    slot = h.slot()
+    assert slot.state is State.RETIRING and slot.drains == 1
+    assert slot.next_start_at in h.table.next_wake(h.now)
+    h.reconcile()
+    assert slot.proc is None, "not before the backoff"
+    h.clock.advance(0.1)
+    h.reconcile()
+    assert slot.proc is not None
+    h.exit(slot.proc, 0)
+    assert slot.next_start_at == pytest.approx(h.now + 0.2), "the backoff doubles"
+    h.clock.advance(0.2)
+    h.reconcile()
+    h.retired(slot.proc)
+    assert slot.state is State.GONE
+
+
+def test_a_drain_worker_that_cannot_boot_gives_up_loudly() -> None:
+    h = Harness()
+    proc = h.start_ready()
+    removed(h)
+    h.reconcile()
+    h.exit(proc, SIGKILLED)
+    h.clock.advance(0.1)
+    h.reconcile()
+    with capture_logs() as logs:
+        h.exit(h.slot().proc, exited(int(ExitCode.HANDLER_IMPORT_FAILED)))
+    assert "retire_abandoned" in [e["event"] for e in logs]
+    assert ("r", 0) not in h.table.slots
+
+
+def test_a_parked_slot_that_is_removed_gets_a_worker_to_end_its_session() -> None:
+    h = parked()
+    removed(h)
+    h.reconcile()
+    slot = h.slot()
+    assert slot.state is State.RETIRING and slot.proc is not None
+    assert h.procs.sent(slot.proc) == [("stop", {"mode": StopMode.RETIRE})]
+    h.retired(slot.proc)
+    assert ("r", 0) not in h.table.slots
+
+
+def test_a_session_that_a_returning_slot_takes_over_is_not_drained() -> None:
+    h = Harness(
+        manifest([{"name": "r", "topic": "r/{n}", "handler": "m:f", "shared": True, "workers": 2}])
+    )
+    h.start_ready("r", 0)
+    proc = h.start_ready("r", 1)
+    h.manifest = manifest([{"name": "r", "topic": "r/{n}", "handler": "m:f", "shared": True}])
+    h.table.apply(diff(h.table.current_specs(), slots_for(h.manifest)), h.now)
+    h.reconcile()
+    old = h.slot("r", 1)
+    assert old.state is State.RETIRING
+    h.manifest = manifest(
+        [{"name": "r", "topic": "r/{n}", "handler": "m:f", "shared": True, "workers": 2}]
+    )
+    h.table.apply(diff(h.table.current_specs(), slots_for(h.manifest)), h.now)
+    h.exit(proc, SIGKILLED)  # the retiring worker dies; slot 1 is back with the same client id
+    h.clock.advance(1.0)
+    h.reconcile()
+    assert old.state is State.GONE, "the returning slot resumes that session itself"
+    new = h.slot("r", 1)
+    assert new is not old and new.proc is not None
+    assert new.proc.spec.client_id == proc.spec.client_id
+
+
+def test_a_held_replacement_that_never_connected_leaves_no_session_to_drain() -> None:
+    h = Harness()
+    proc = h.start_ready()
+    h.table.restart({"r"})
+    h.reconcile()  # the rolling replace warms a held replacement
+    incoming = h.slot().incoming
+    assert incoming is not None and incoming.held
+    removed(h)
+    h.reconcile()
+    h.exit(incoming, 0)
+    assert h.slot().drain == {}
+    h.retired(proc)
+    assert ("r", 0) not in h.table.slots
 
 
 def parked() -> Harness:
