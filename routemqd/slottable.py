@@ -270,10 +270,10 @@ class SlotTable:
         views.bank(slot, proc)
         charged = False
         if proc.board is not None:
-            # asked to stop, yet it died on its own (a crash, or a kill from outside): the
-            # messages in its hands count too, or a drain could meet the same poison forever
-            died = status != 0 and not proc.killed
-            if not expected or died:
+            # asked to stop, yet it died with messages in its hands (a crash, a kill from
+            # outside, or ours at the deadline): they count too, or a retire's drain could meet
+            # the same poison or endless handler forever
+            if not expected or status != 0:
                 charged = self._count_attempts(proc)
             proc.board.close()
             proc.board = None

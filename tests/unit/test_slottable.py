@@ -293,6 +293,19 @@ def test_a_retiring_worker_killed_mid_drain_has_its_session_resumed_and_ended() 
     assert ("r", 0) not in h.table.slots and slot.state is State.GONE
 
 
+def test_a_retiring_worker_killed_at_its_deadline_is_charged_for_the_message_it_held() -> None:
+    h = Harness()
+    proc = h.start_ready()
+    removed(h)
+    h.reconcile()
+    h.clock.advance(proc.stop_deadline - h.now)  # type: ignore[operator]
+    h.table.enforce_stop_deadlines(h.now)
+    assert h.procs.killed == [proc.pid]
+    h.crash_holding(proc, POISON, SIGKILLED)
+    assert h.table.attempts["r"].snapshot() == {POISON: 1}
+    assert list(h.slot().drain) == [proc.spec.client_id]
+
+
 def test_a_retire_that_could_not_end_its_session_is_retried_with_backoff() -> None:
     h = Harness()
     proc = h.start_ready()
