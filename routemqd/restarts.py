@@ -25,6 +25,8 @@ from enum import StrEnum
 from routemqd.manifest import Route, SupervisorConfig
 from routemqd.slots import Slot, State
 
+FORK_RETRY = 1.0  # seconds before forking again after fork() itself failed
+
 
 class RestartReason(StrEnum):
     """The ``reason`` label of ``routemqd_worker_restarts_total``."""

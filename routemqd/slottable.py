@@ -4,8 +4,9 @@ The loop feeds it what happened (a worker's event, an exit, a health verdict, a 
 changes, a restart request) and calls :meth:`SlotTable.reconcile`, the one place that starts
 workers. Each move of a slot goes through ``Slot.change_state`` (see :mod:`routemqd.slots` for
 the table of legal moves); the restart policy is :mod:`routemqd.restarts`, the rolling replace
-:mod:`routemqd.handoff`. Processes are reached only through ``procs`` (a
-:class:`routemqd.procs.ProcessTable`, or a fake in the unit tests).
+:mod:`routemqd.handoff`, the way out of a removed slot :mod:`routemqd.retiring`. Processes are
+reached only through ``procs`` (a :class:`routemqd.procs.ProcessTable`, or a fake in the unit
+tests).
 
 Pools change size through :meth:`add` and :meth:`retire` only, whoever asks: a reload, or the
 autoscaler (:mod:`routemqd.scaling`). A slot removed for good always retires (unsubscribe,
@@ -22,16 +23,14 @@ from typing import Any
 
 import structlog
 
-from routemqd import handoff, health, views
+from routemqd import handoff, health, retiring, views
 from routemqd.board import AttemptLedger
 from routemqd.manifest import SupervisorConfig
 from routemqd.plan import SlotSpec
 from routemqd.procs import Proc, describe_status, is_boot_failure
 from routemqd.protocol import Command, Event, StopMode
-from routemqd.restarts import RestartReason, after_exit, message_to_blame
+from routemqd.restarts import FORK_RETRY, RestartReason, after_exit, message_to_blame
 from routemqd.slots import HANDOFF, PARKED, Slot, State
-
-FORK_RETRY = 1.0  # after fork() failed
 
 
 class SlotTable:
@@ -74,13 +73,9 @@ class SlotTable:
         slot.change_state(State.RETIRING, now)
         slot.replace_reason = ""
         slot.next_spec = None
-        if not slot.live:
-            # parked, or not started yet: its session may hold the share the broker queued
-            # for it meanwhile, and only a worker can resume that session and end it
-            slot.drain[slot.spec.client_id] = slot.spec
-            slot.next_start_at = 0.0
+        retiring.begin(slot)
 
-    def _forget(self, slot: Slot, now: float) -> None:
+    def forget(self, slot: Slot, now: float) -> None:
         # RETIRING -> GONE
         slot.change_state(State.GONE, now)
         for key in [k for k, s in self.slots.items() if s is slot]:
@@ -96,7 +91,7 @@ class SlotTable:
         busy_pools = {s.pool for s in self.slots.values() if s.state in HANDOFF}
         for slot in list(self.slots.values()):
             if slot.state is State.RETIRING:
-                self._reconcile_retiring(slot, now)
+                retiring.reconcile(self, slot, now)
             elif not slot.live:
                 if slot.state in PARKED and now < slot.next_start_at:
                     continue
@@ -133,66 +128,6 @@ class SlotTable:
         if proc is not None:
             self.owner[proc.pid] = (slot, proc)
         return proc
-
-    def _reconcile_retiring(self, slot: Slot, now: float) -> None:
-        """Stop its workers in retire mode. Once none is left, a session that none of them
-        ended (killed mid-drain, broker away, never started) gets a worker that resumes it,
-        handles what it holds and ends it; then the slot leaves the table."""
-        grace = self.supervisor.graceful_timeout
-        for proc in slot.live:
-            if proc.stop_mode is None:
-                self.stop(proc, StopMode.RETIRE, "retired", grace, now)
-        if slot.live:
-            return
-        for client_id in [c for c in slot.drain if self._kept_by_another(slot, c)]:
-            del slot.drain[client_id]  # a slot that stays resumes this session itself
-        if not slot.drain:
-            self._forget(slot, now)
-            return
-        if now < slot.next_start_at:
-            return
-        spec = next(iter(slot.drain.values()))
-        proc = self.spawn(slot, spec, hold=False)
-        if proc is None:
-            slot.next_start_at = now + FORK_RETRY
-            return
-        slot.proc = proc
-        self.log.warning("retire_resumed", **proc.label, client_id=spec.client_id)
-        self.stop(proc, StopMode.RETIRE, "retired", grace, now)
-
-    def _kept_by_another(self, slot: Slot, client_id: str) -> bool:
-        return any(
-            other is not slot
-            and not other.retiring
-            and (other.next_spec or other.spec).client_id == client_id
-            for other in self.slots.values()
-        )
-
-    def _note_session(self, slot: Slot, proc: Proc, status: int, now: float) -> None:
-        """A retiring slot's worker exited: either it ended its session, or another worker has
-        to resume that session (same client id) and end it, after a backoff if this keeps
-        happening. A worker that cannot even boot cannot drain: that is logged, not retried."""
-        client_id = proc.spec.client_id
-        if proc.session_ended:
-            slot.drain.pop(client_id, None)
-            return
-        if proc.held and not proc.connect_sent:
-            return  # never connected: the session is its predecessor's to end
-        code = os.waitstatus_to_exitcode(status)
-        if code > 0 and is_boot_failure(code):
-            slot.drain.pop(client_id, None)
-            self.log.error(
-                "retire_abandoned",
-                **proc.label,
-                client_id=client_id,
-                reason=proc.boot_error or describe_status(status),
-            )
-            return
-        slot.drain[client_id] = proc.spec
-        slot.drains += 1
-        sup = self.supervisor
-        delay = min(sup.backoff_max, sup.backoff_initial * 2 ** (slot.drains - 1))
-        slot.next_start_at = now + delay
 
     def _client_id_held(self, slot: Slot, client_id: str) -> bool:
         """Another slot's live worker uses this client id: a slot that was retired and has come
@@ -279,7 +214,7 @@ class SlotTable:
             proc.board = None
         fields = dict(**proc.label, exit=what, lived_s=round(now - proc.started_at, 3))
         if slot.retiring:
-            self._note_session(slot, proc, status, now)
+            retiring.note_exit(self, slot, proc, status, now)
         if proc is slot.incoming:
             slot.incoming = None
             if expected:
@@ -301,7 +236,7 @@ class SlotTable:
             return
         if slot.state is State.RETIRING:
             if not slot.live and not slot.drain:
-                self._forget(slot, now)
+                self.forget(slot, now)
         elif slot.incoming is not None:
             handoff.promote(self, slot, now)
         elif expected:
