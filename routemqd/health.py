@@ -48,13 +48,22 @@ def sample(proc: Proc) -> bool:
     return True
 
 
-def assess(proc: Proc, now: float, min_lifetime: float) -> Verdict:
-    """Judge one running worker. Stopping workers are not judged: their deadline rules them."""
-    route = proc.spec.route
+def frozen(proc: Proc, now: float) -> Verdict:
+    """Silent past ``heartbeat_timeout``: a frozen process cannot drain anything, so there is
+    no point in waiting for it. Workers beat while they stop too, so this judges those as well."""
     silent = now - proc.last_heartbeat
-    if silent > route.heartbeat_timeout:
-        # a frozen process cannot drain anything: no point in waiting for it
+    if silent > proc.spec.route.heartbeat_timeout:
         return Verdict(Action.KILL, f"no heartbeat for {silent:.0f}s (frozen process?)")
+    return HEALTHY
+
+
+def assess(proc: Proc, now: float, min_lifetime: float) -> Verdict:
+    """Judge one running worker. A stopping one is judged by :func:`frozen` only: the rest is
+    ruled by its stop deadline."""
+    route = proc.spec.route
+    verdict = frozen(proc, now)
+    if verdict.action is not Action.NONE:
+        return verdict
     deadline = route.handler_timeout or route.heartbeat_timeout
     busy = float(proc.stats.get("busy_for", 0.0) or 0.0)
     if busy > deadline:
@@ -83,11 +92,12 @@ def check(table: Any, now: float) -> None:
     recycling = {s.pool for s in table.slots.values() if s.incoming or s.replace_reason}
     for slot in list(table.slots.values()):
         for proc in slot.live:
-            if proc.stop_mode is not None or not sample(proc):
-                continue  # stopping, or gone or a zombie: the reaper handles it
-            if proc.held and proc is slot.incoming:
+            if proc.killed or not sample(proc):
+                continue  # gone or a zombie, or killed already: the reaper handles it
+            if proc.held and proc is slot.incoming and proc.stop_mode is None:
                 continue  # warming and idle by design
-            verdict = assess(proc, now, min_life)
+            stopping = proc.stop_mode is not None
+            verdict = frozen(proc, now) if stopping else assess(proc, now, min_life)
             if verdict.action == Action.KILL:
                 table.log.error(
                     "worker_unhealthy",

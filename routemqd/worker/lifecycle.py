@@ -370,17 +370,20 @@ class Worker:
                 c.stopping = True
                 c.close(end_session=False, deadline=time.monotonic() + 1.0)
             return int(self.boot_failure[0])
-        if c is not None and c.link is not None:
-            self.log.info("worker_stopping", mode=mode)
-            end_session = mode == protocol.STOP_RETIRE and c.retire(deadline)
-            c.accepting = False
-            c.drain(deadline)
-            c.stopping = True
-            if c.close(end_session=end_session, deadline=deadline + 1.0):
-                # the master forgets a retired slot only once its session is gone; without
-                # this word it starts another worker to resume the session and retire it
-                self._emit({"t": Event.SESSION_ENDED})
-        self._drained()  # also when stopped before connecting: setup ran all the same
+        # beating on: the master kills a stopping worker that falls silent (frozen) instead of
+        # waiting out graceful_timeout, while a slow drain is bounded by the deadline
+        with hookrun.beating(self._heartbeat, self._until_next_beat):
+            if c is not None and c.link is not None:
+                self.log.info("worker_stopping", mode=mode)
+                end_session = mode == protocol.STOP_RETIRE and c.retire(deadline)
+                c.accepting = False
+                c.drain(deadline)
+                c.stopping = True
+                if c.close(end_session=end_session, deadline=deadline + 1.0):
+                    # the master forgets a retired slot only once its session is gone; without
+                    # this word it starts another worker to resume the session and retire it
+                    self._emit({"t": Event.SESSION_ENDED})
+            self._drained()  # also when stopped before connecting: setup ran all the same
         if c is not None and c.link is not None:
             self.log.info("worker_stopped", mode=mode, handled=sum(s.handled for s in self.states))
         return int(ExitCode.OK)

@@ -166,6 +166,32 @@ def test_a_stuck_worker_is_killed_at_once_and_its_message_charged() -> None:
     assert h.procs.attempts_given[-1] == {POISON: 1}
 
 
+def test_a_stopping_worker_that_falls_silent_is_killed_without_waiting_for_its_deadline() -> None:
+    """A frozen worker cannot drain: during a retire (or any stop) it is killed after
+    heartbeat_timeout, not graceful_timeout. One that still beats is left to finish, however
+    long its handler is busy: its stop deadline rules that."""
+    routes = [{"name": "r", "topic": "r/{n}", "handler": "m:f", "heartbeat_timeout": 2}]
+    h = Harness(manifest(routes))
+    proc = h.start_ready()
+    removed(h)
+    h.reconcile()
+    proc.ps = _AlivePs()
+    h.clock.advance(1.5)
+    h.event(proc, "hb", busy_for=5.0, busy_topic="r/1")  # busy, but beating while it stops
+    h.clock.advance(1.5)
+    h.table.check_health(h.now)
+    assert h.procs.killed == []
+    h.clock.advance(1.0)  # 2.5 s of silence
+    with capture_logs() as logs:
+        h.table.check_health(h.now)
+    assert h.procs.killed == [proc.pid]
+    assert [e["event"] for e in logs] == ["worker_unhealthy"]
+    h.table.check_health(h.now)
+    assert h.procs.killed == [proc.pid], "killed once"
+    h.exit(proc, SIGKILLED)
+    assert list(h.slot().drain) == [proc.spec.client_id], "its session is resumed and retired"
+
+
 # ------------------------------------------------------------------------------ replace
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,40 @@ def test_a_changed_broker_problem_is_reported_at_once(tmp_path: Path) -> None:
     beats = [e for e in events if e["t"] == Event.HEARTBEAT]
     # the first tick's beat had no problem yet; the only other beat, out of turn, has it
     assert [b["broker_problem"] for b in beats] == ["", problem]
+
+
+class SlowRetire(FakeConsumer):
+    """A retire that takes a while (a handler still busy), then ends the session."""
+
+    accepting = True
+    stopping = False
+
+    def retire(self, deadline: float) -> bool:
+        time.sleep(0.4)
+        return True
+
+    def drain(self, deadline: float) -> None:
+        pass
+
+    def close(self, end_session: bool, deadline: float) -> bool:
+        return end_session
+
+
+def test_a_stopping_worker_beats_until_it_has_ended_its_session(tmp_path: Path) -> None:
+    """The master kills a stopping worker that falls silent: the shutdown path beats on."""
+    r, w = os.pipe()
+    worker = Worker(make_spec(tmp_path), w)
+    worker.consumer = SlowRetire(worker, [])  # type: ignore[assignment]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(worker, "_until_next_beat", lambda: 0.05)
+        try:
+            assert worker._shutdown(StopMode.RETIRE) == 0
+        finally:
+            logsetup.set_process_fields()
+    os.close(w)
+    os.set_blocking(r, False)
+    events = list(LineReader(r).read())
+    os.close(r)
+    kinds = [e["t"] for e in events]
+    assert kinds.count(Event.HEARTBEAT) >= 3, kinds
+    assert Event.SESSION_ENDED in kinds
