@@ -22,7 +22,7 @@ from typing import Any
 
 from routemqd.procs import Proc, describe_status, is_boot_failure
 from routemqd.protocol import StopMode
-from routemqd.restarts import FORK_RETRY
+from routemqd.restarts import FORK_RETRY, backoff_delay
 from routemqd.slots import Slot
 
 
@@ -80,8 +80,8 @@ def note_exit(table: Any, slot: Slot, proc: Proc, status: int, now: float) -> No
         return
     slot.drain[client_id] = proc.spec
     slot.drains += 1
-    sup = table.supervisor
-    slot.next_start_at = now + min(sup.backoff_max, sup.backoff_initial * 2 ** (slot.drains - 1))
+    # the restart policy's backoff, as if each drain were a second failure or later
+    slot.next_start_at = now + backoff_delay(slot.drains + 1, table.supervisor, table.rng)
 
 
 def _kept_by_another(table: Any, slot: Slot, client_id: str) -> bool:

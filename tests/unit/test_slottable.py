@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 from routemqd.exitcodes import ExitCode
 from routemqd.plan import diff, slots_for
 from routemqd.protocol import StopMode
-from routemqd.slots import State
+from routemqd.slots import Slot, State
 from tests.unit.fakes import SIGKILLED, Harness, exited, manifest
 
 POISON = b"p" * 16
@@ -291,6 +291,11 @@ def test_a_removed_route_retires_then_leaves_the_table() -> None:
     assert h.table.slots[("other", 0)].state is State.STARTING
 
 
+def due(h: Harness, slot: Slot) -> None:
+    """The fake clock to the moment the slot's next worker is due."""
+    h.clock.advance(max(0.0, slot.next_start_at - h.now))
+
+
 def removed(h: Harness) -> None:
     """A reload that removes route r."""
     h.manifest = manifest([{"name": "other", "topic": "o/{n}", "handler": "m:f"}])
@@ -308,7 +313,7 @@ def test_a_retiring_worker_killed_mid_drain_has_its_session_resumed_and_ended() 
     slot = h.slot()
     assert slot.state is State.RETIRING and list(slot.drain) == [client_id]
     assert h.table.attempts["r"].snapshot() == {POISON: 1}, "the message it held is charged"
-    h.clock.advance(0.1)  # backoff_initial
+    due(h, slot)
     with capture_logs() as logs:
         h.reconcile()
     drainer = slot.proc
@@ -343,12 +348,13 @@ def test_a_retire_that_could_not_end_its_session_is_retried_with_backoff() -> No
     assert slot.next_start_at in h.table.next_wake(h.now)
     h.reconcile()
     assert slot.proc is None, "not before the backoff"
-    h.clock.advance(0.1)
+    due(h, slot)
     h.reconcile()
     assert slot.proc is not None
     h.exit(slot.proc, 0)
-    assert slot.next_start_at == pytest.approx(h.now + 0.2), "the backoff doubles"
-    h.clock.advance(0.2)
+    # the backoff doubles (0.1 s, then 0.2 s, each with the restart policy's +/-20 % jitter)
+    assert 0.2 * 0.8 <= slot.next_start_at - h.now <= 0.2 * 1.2, "the backoff doubles"
+    due(h, slot)
     h.reconcile()
     h.retired(slot.proc)
     assert slot.state is State.GONE
@@ -360,7 +366,7 @@ def test_a_drain_worker_that_cannot_boot_gives_up_loudly() -> None:
     removed(h)
     h.reconcile()
     h.exit(proc, SIGKILLED)
-    h.clock.advance(0.1)
+    due(h, h.slot())
     h.reconcile()
     with capture_logs() as logs:
         h.exit(h.slot().proc, exited(int(ExitCode.HANDLER_IMPORT_FAILED)))
