@@ -28,6 +28,7 @@ import os
 import selectors
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -109,6 +110,7 @@ class Worker:
         self._beat_received = 0  # ``received`` in the last heartbeat
         self._beat_problem = ""  # the link's ``problem`` in the last heartbeat
         self._beat_every = beat_interval(self.route.heartbeat_timeout)
+        self._emit_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -288,7 +290,11 @@ class Worker:
             pass
 
     def _emit(self, event: dict[str, Any]) -> None:
-        if not protocol.write_event(self.status_fd, event) and self.stop_mode is None:
+        # one writer at a time: a helper thread beats during setup and the stop, and a line
+        # over PIPE_BUF (a stuck handler's stack) is not written atomically
+        with self._emit_lock:
+            written = protocol.write_event(self.status_fd, event)
+        if not written and self.stop_mode is None:
             self.stop_mode = protocol.STOP_KEEP  # the master is gone
 
     def boot_fail(self, code: ExitCode, reason: str) -> None:
