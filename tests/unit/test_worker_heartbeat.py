@@ -134,13 +134,21 @@ def test_a_changed_broker_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 
 class SlowRetire(FakeConsumer):
-    """A retire that takes a while (a handler still busy), then ends the session."""
+    """A retire that lasts until the master has heard three heartbeats from the stopping worker
+    (bounded), then ends the session: it waits on what it needs, not on a clock."""
 
     accepting = True
     stopping = False
+    reader: LineReader
+    seen: list[dict[str, Any]]
 
     def retire(self, deadline: float) -> bool:
-        time.sleep(0.4)
+        limit = time.monotonic() + 10
+        while time.monotonic() < limit:
+            self.seen += self.reader.read()
+            if sum(e["t"] == Event.HEARTBEAT for e in self.seen) >= 3:
+                return True
+            time.sleep(0.01)
         return True
 
     def drain(self, deadline: float) -> None:
@@ -153,8 +161,11 @@ class SlowRetire(FakeConsumer):
 def test_a_stopping_worker_beats_until_it_has_ended_its_session(tmp_path: Path) -> None:
     """The master kills a stopping worker that falls silent: the shutdown path beats on."""
     r, w = os.pipe()
+    os.set_blocking(r, False)
     worker = Worker(make_spec(tmp_path), w)
-    worker.consumer = SlowRetire(worker, [])  # type: ignore[assignment]
+    consumer = SlowRetire(worker, [])
+    consumer.reader, consumer.seen = LineReader(r), []
+    worker.consumer = consumer  # type: ignore[assignment]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(worker, "_until_next_beat", lambda: 0.05)
         try:
@@ -162,8 +173,7 @@ def test_a_stopping_worker_beats_until_it_has_ended_its_session(tmp_path: Path) 
         finally:
             logsetup.set_process_fields()
     os.close(w)
-    os.set_blocking(r, False)
-    events = list(LineReader(r).read())
+    events = consumer.seen + list(consumer.reader.read())
     os.close(r)
     kinds = [e["t"] for e in events]
     assert kinds.count(Event.HEARTBEAT) >= 3, kinds
